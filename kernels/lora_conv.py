@@ -1,0 +1,694 @@
+"""Fused LoRA convolution (forward and backward) in Triton.
+
+Math (DESIGN.md §2). Base weight ``W (Co, Ci, kh, kw)``, adapter ``A (r, Ci, kh, kw)``, ``B (Co, r)``, scale ``s``.
+The merged weight is ``W_k = W + s·B·A`` (``A`` flattened to ``r × Ci·kh·kw``) and the layer computes
+
+    pre = conv(x, W_k) + bias                       (stride 1, 'same' padding: 1 for 3×3, 0 for 1×1)
+    y   = out_scale · act(pre) + residual           (act = ReLU or identity; this order, exactly)
+
+Forward: one implicit-GEMM convolution (GEMM view: M = N·H·W output pixels, N = Co, K = taps·Ci). The taps are
+unrolled at compile time; within a tap the kernel walks Ci in BLOCK_K chunks, and for each chunk it forms the
+*merged* weight tile in registers, ``W tile + s·(A tile @ B tile)``, so no merged weight and no rank-r activation
+ever reaches memory. Bias, ReLU, out_scale and the residual add are fused into the epilogue.
+
+Backward (nothing of rank r is saved; see ``FusedLoRAConv2dFunction`` for the formulas):
+``dx`` reuses the forward kernel with the flipped, channel-swapped merged weight (merged in torch: 2·r·Co·Ci·taps
+FLOPs), ``dW_eff = Σ_pixels dY_pre ⊗ im2col(x)`` is a second kernel that writes per-chunk partial sums which a
+fixed-order torch sum reduces (deterministic: no atomics), and ``dA``, ``dB`` are tiny torch matmuls on ``dW_eff``.
+
+Running without a GPU: set ``TRITON_INTERPRET=1`` in the environment before this module is imported (the
+``@triton.jit`` decorators read it at decoration time); the kernels then run in Triton's interpreter on CPU tensors,
+with one fixed tile configuration instead of autotuning. The kernels call only Triton builtins (``tl.full``, not
+``tl.zeros``/``tl.cdiv``): those two are ``@triton.jit`` helpers in recent Triton, decorated when ``triton.language``
+is imported, so they stay compiled-mode functions, and break an interpreted kernel, whenever triton was imported
+before the variable was set.
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "fused_lora_conv2d",
+    "FusedLoRAConv2dFunction",
+    "lora_conv2d_forward",
+    "lora_conv2d_backward",
+    "conv_weight_grad",
+    "INPUT_PRECISIONS",
+]
+
+# Read once, like triton itself does when it decorates the kernels below.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tuning configurations
+# --------------------------------------------------------------------------------------------------------------------
+
+def _cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+if _INTERPRET:
+    # Autotuning in the interpreter would run every config; 16-wide N/K tiles make the small test channel counts
+    # (24, 32) span several tiles, so the tail masks are exercised.
+    _FWD_CONFIGS = [_cfg(64, 16, 16, 4, 1)]
+    _DW_CONFIGS = [triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16}, num_warps=4, num_stages=1)]
+else:
+    # A short list: autotuning compiles and times every entry once per key.
+    _FWD_CONFIGS = [
+        _cfg(128, 64, 32, 4, 3),
+        _cfg(128, 64, 32, 8, 3),
+        _cfg(128, 64, 16, 4, 4),
+        _cfg(128, 32, 32, 4, 3),
+        _cfg(128, 32, 16, 4, 4),
+        _cfg(128, 16, 32, 4, 3),
+        _cfg(64, 64, 32, 4, 3),
+        _cfg(64, 64, 16, 4, 4),
+        _cfg(64, 32, 32, 4, 2),
+        _cfg(64, 16, 16, 4, 2),
+        _cfg(128, 64, 32, 8, 4),
+    ]
+    _DW_CONFIGS = [
+        triton.Config({"BLOCK_CO": bco, "BLOCK_CI": bci}, num_warps=w, num_stages=s)
+        for (bco, bci, w, s) in [(64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2),
+                                 (16, 32, 4, 3), (32, 16, 4, 3), (16, 16, 4, 2), (64, 64, 4, 4)]
+    ]
+
+
+def _pow2_at_least_16(n):
+    return max(16, triton.next_power_of_2(int(n)))
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    # Tiles wider than the (power-of-two rounded) channel count only load masked zeros.
+    kmax, nmax = _pow2_at_least_16(named_args["Ci"]), _pow2_at_least_16(named_args["Co"])
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= kmax and c.kwargs["BLOCK_N"] <= nmax]
+    return kept or configs[-1:]
+
+
+def _prune_dw(configs, named_args, **kwargs):
+    cimax, comax = _pow2_at_least_16(named_args["Ci"]), _pow2_at_least_16(named_args["Co"])
+    kept = [c for c in configs if c.kwargs["BLOCK_CI"] <= cimax and c.kwargs["BLOCK_CO"] <= comax]
+    return kept or configs[-1:]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # The interpreter multiplies bfloat16 operands as their raw uint16 bits; upcasting first is exact (a product of
+    # two bf16 values fits in fp32), so it is the same math as a bf16 MMA with fp32 accumulation.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["NB", "H", "W", "Ci", "Co", "sx_c", "KH", "HAS_LORA", "R_PAD"],
+                 prune_configs_by={"early_config_prune": _prune_fwd})
+@triton.jit
+def _lora_conv_fwd_kernel(
+    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, res_ptr, y_ptr, mask_ptr,
+    NB, H, W, Ci, Co, R,
+    scaling, out_scale,
+    sx_n, sx_c, sx_h, sx_w,
+    sr_n, sr_c, sr_h, sr_w,
+    sy_n, sy_c, sy_h, sy_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr,
+    WRITE_MASK: tl.constexpr, R_PAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Implicit-GEMM 'same' convolution with a merged-in-registers LoRA weight and a fused epilogue.
+
+    Each program computes a BLOCK_M (output pixels) × BLOCK_N (output channels) tile of ``y``.
+
+    Args:
+        x_ptr: input image (NB, Ci, H, W), any strides (channels_last, i.e. ``sx_c == 1``, loads coalesced).
+        w_ptr: base weight pre-arranged as (KH·KW, Ci, Co), contiguous; when ``HAS_LORA`` is false this is the
+            complete (already merged) weight.
+        a_ptr: LoRA A pre-arranged as (KH·KW, Ci, R), contiguous. Ignored unless ``HAS_LORA``.
+        b_ptr: LoRA B transposed to (R, Co), contiguous. Ignored unless ``HAS_LORA``.
+        bias_ptr: bias (Co,). Ignored unless ``HAS_BIAS``.
+        res_ptr: residual (NB, Co, H, W) with strides ``sr_*``. Ignored unless ``HAS_RES``.
+        y_ptr: output (NB, Co, H, W) with strides ``sy_*``; every element is written.
+        mask_ptr: uint8 (NB, Co, H, W) with the strides of ``y``: ``pre > 0``. Written only if ``WRITE_MASK``.
+        NB, H, W: batch size and image size (input and output share H×W).
+        Ci, Co: input and output channels; any value, tails are masked.
+        R: LoRA rank (≤ R_PAD).
+        scaling: the LoRA scale s in ``W + s·B·A``.
+        out_scale: the factor applied after the activation, before the residual.
+        sx_*, sr_*, sy_*: element strides (batch, channel, row, column) of x, residual and y.
+        KH, KW: kernel size, 3×3 (padding 1) or 1×1 (padding 0).
+        HAS_LORA: form the merged weight tile ``W + s·(A @ B)`` in registers.
+        HAS_BIAS, RELU, HAS_RES: epilogue switches.
+        WRITE_MASK: store the ReLU mask (the backward needs it when a residual hides the sign of the activation).
+        R_PAD: rank padded to max(16, next power of two): tl.dot needs every dimension ≥ 16; rows ≥ R are masked.
+        INPUT_PRECISION: tl.dot precision for float32 operands ("ieee", "tf32", "tf32x3"); no effect on 16-bit ones.
+        UPCAST: multiply in float32 (interpreter + bfloat16 only, see ``_mma``).
+        BLOCK_M, BLOCK_N, BLOCK_K: tile sizes over pixels, output channels and input channels.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    HW = H * W
+    M = NB * HW
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    img = offs_m // HW
+    hw = offs_m % HW
+    oh = hw // W
+    ow = hw % W
+    # int64 so that batch·stride never wraps for large activations.
+    x_img = img.to(tl.int64) * sx_n
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Co
+    offs_k = tl.arange(0, BLOCK_K)
+
+    if HAS_LORA:
+        offs_r = tl.arange(0, R_PAD)
+        r_ok = offs_r < R
+        # B does not depend on the tap or the Ci chunk: load it once per program.
+        b_tile = tl.load(b_ptr + offs_r[:, None] * Co + offs_n[None, :],
+                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    # Taps unrolled at compile time: a flattened dynamic tap loop miscompiles at 8 warps in a similar template, and
+    # unrolling makes every tap offset a constant.
+    for t in tl.static_range(KH * KW):
+        ih = oh + (t // KW - KH // 2)
+        iw = ow + (t % KW - KW // 2)
+        pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_row = x_img + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
+        for k0 in range(0, Ci, BLOCK_K):
+            ci = k0 + offs_k
+            ci_ok = ci < Ci
+            # Out-of-image neighbours and the channel tail read as zero: that is the zero padding.
+            x_tile = tl.load(x_ptr + x_row[:, None] + ci[None, :] * sx_c,
+                             mask=pix_ok[:, None] & ci_ok[None, :], other=0.0)
+            w_tile = tl.load(w_ptr + (t * Ci + ci[:, None]) * Co + offs_n[None, :],
+                             mask=ci_ok[:, None] & n_ok[None, :], other=0.0)
+            if HAS_LORA:
+                a_tile = tl.load(a_ptr + (t * Ci + ci[:, None]) * R + offs_r[None, :],
+                                 mask=ci_ok[:, None] & r_ok[None, :], other=0.0)
+                delta = _mma(a_tile, b_tile, tl.full((BLOCK_K, BLOCK_N), 0.0, tl.float32),
+                             INPUT_PRECISION, UPCAST)
+                # Merge in fp32, round once to the input dtype: the same rounding as merging in torch.
+                w_tile = (w_tile.to(tl.float32) + scaling * delta).to(x_tile.dtype)
+            acc = _mma(x_tile, w_tile, acc, INPUT_PRECISION, UPCAST)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    y_off = (img.to(tl.int64) * sy_n + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w)[:, None] \
+        + offs_n[None, :].to(tl.int64) * sy_c
+    if WRITE_MASK:
+        tl.store(mask_ptr + y_off, (acc > 0).to(tl.uint8), mask=out_ok)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    acc = acc * out_scale
+    if HAS_RES:
+        r_off = (img.to(tl.int64) * sr_n + oh.to(tl.int64) * sr_h + ow.to(tl.int64) * sr_w)[:, None] \
+            + offs_n[None, :].to(tl.int64) * sr_c
+        acc = acc + tl.load(res_ptr + r_off, mask=out_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.autotune(configs=_DW_CONFIGS, key=["NB", "H", "W", "Ci", "Co", "sx_c", "sd_c", "KH", "CHUNK_M"],
+                 prune_configs_by={"early_config_prune": _prune_dw})
+@triton.jit
+def _conv_dw_kernel(
+    x_ptr, dy_ptr, part_ptr,
+    NB, H, W, Ci, Co, CHUNK_M,
+    sx_n, sx_c, sx_h, sx_w,
+    sd_n, sd_c, sd_h, sd_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+):
+    """Per-chunk weight gradient of a 'same' convolution:
+
+        part[c, co, ci, t] = Σ_{m ∈ chunk c} dy[m, co]·x[m+t, ci]   (m+t: pixel m shifted by tap t, 0 off-image)
+
+
+    Grid: (number of pixel chunks, Co tiles × Ci tiles, KH·KW taps). Every program overwrites its whole
+    (BLOCK_CO × BLOCK_CI) slice of ``part`` for its chunk and tap, so ``part`` may start uninitialised and
+    re-running the kernel (autotuning does) is harmless; summing ``part`` over chunks in a fixed order gives a
+    run-to-run bitwise-reproducible dW.
+
+    Args:
+        x_ptr: forward input (NB, Ci, H, W), any strides.
+        dy_ptr: gradient of the pre-activation (NB, Co, H, W), any strides (0 allowed).
+        part_ptr: float32 (num_chunks, Co, Ci, KH·KW), contiguous.
+        NB, H, W, Ci, Co: shapes as in the forward.
+        CHUNK_M: output pixels per chunk; a multiple of BLOCK_M.
+        sx_*, sd_*: element strides (batch, channel, row, column) of x and dy.
+        KH, KW: kernel size (3×3 with padding 1 or 1×1 with padding 0).
+        INPUT_PRECISION: tl.dot precision for float32 operands.
+        UPCAST: multiply in float32 (interpreter + bfloat16 only).
+        BLOCK_M: pixels per reduction step; fixed (not tuned) so the summation order does not depend on the config.
+        BLOCK_CO, BLOCK_CI: tile over output and input channels.
+    """
+    pid_chunk = tl.program_id(0)
+    pid_tile = tl.program_id(1)
+    tap = tl.program_id(2)
+    # Plain arithmetic, not tl.cdiv (see the note on tl.full in the module docstring).
+    n_ci_tiles = (Ci + BLOCK_CI - 1) // BLOCK_CI
+    pid_co = pid_tile // n_ci_tiles
+    pid_ci = pid_tile % n_ci_tiles
+    # A runtime tap is fine here: it is a grid index, not a loop.
+    dh = tap // KW - KH // 2
+    dw = tap % KW - KW // 2
+
+    HW = H * W
+    M = NB * HW
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_ok = offs_co < Co
+    offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    ci_ok = offs_ci < Ci
+
+    acc = tl.full((BLOCK_CO, BLOCK_CI), 0.0, tl.float32)
+    m_start = pid_chunk * CHUNK_M
+    for m0 in range(0, CHUNK_M, BLOCK_M):
+        offs_m = m_start + m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        img = offs_m // HW
+        hw = offs_m % HW
+        oh = hw // W
+        ow = hw % W
+        d_off = img.to(tl.int64) * sd_n + oh.to(tl.int64) * sd_h + ow.to(tl.int64) * sd_w
+        # Loaded already transposed (Co × pixels) so the reduction dimension is the dot's inner one.
+        dy_t = tl.load(dy_ptr + d_off[None, :] + offs_co[:, None].to(tl.int64) * sd_c,
+                       mask=co_ok[:, None] & m_ok[None, :], other=0.0)
+        ih = oh + dh
+        iw = ow + dw
+        pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_off = img.to(tl.int64) * sx_n + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
+        x_tile = tl.load(x_ptr + x_off[:, None] + offs_ci[None, :] * sx_c,
+                         mask=pix_ok[:, None] & ci_ok[None, :], other=0.0)
+        acc = _mma(dy_t, x_tile, acc, INPUT_PRECISION, UPCAST)
+
+    taps = KH * KW
+    p_off = ((pid_chunk.to(tl.int64) * Co + offs_co[:, None]) * Ci + offs_ci[None, :]) * taps + tap
+    tl.store(part_ptr + p_off, acc, mask=co_ok[:, None] & ci_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Launchers (no autograd here)
+# --------------------------------------------------------------------------------------------------------------------
+
+_DW_BLOCK_M = 64          # reduction step of the dW kernel (see _conv_dw_kernel)
+_DW_CHUNK_ALIGN = 128     # chunks are whole multiples of this many pixels
+_DW_TARGET_PROGRAMS = 1024
+_DW_PARTIAL_BUDGET = 64 * 2 ** 20  # bytes of float32 partial sums we accept
+
+
+# Test hook: when true, every buffer the launchers allocate starts as NaN (uint8 masks as 2), so a test can prove
+# that the kernels write every element of what they return.
+POISON_OUTPUTS = False
+
+
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        t.fill_(float("nan") if t.is_floating_point() else 2)
+    return t
+
+
+def _wants_channels_last(t: torch.Tensor) -> bool:
+    # Outputs follow the input's layout, as torch's own conv does; a tensor that is both (C == 1 or H == W == 1)
+    # counts as NCHW.
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _empty_image(shape, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
+def _taps_arrangement(w: torch.Tensor) -> torch.Tensor:
+    """(O, I, kh, kw) → (kh·kw, I, O) contiguous: per tap, an (I × O) GEMM operand with O contiguous."""
+    o, i, kh, kw = w.shape
+    return w.permute(2, 3, 1, 0).reshape(kh * kw, i, o).contiguous()
+
+
+def _check_runnable(t: torch.Tensor) -> None:
+    if not t.is_cuda and not _INTERPRET:
+        raise RuntimeError("lorun_fast.kernels.lora_conv: Triton kernels need CUDA tensors "
+                           "(or TRITON_INTERPRET=1 set before importing this module to run them on CPU)")
+
+
+def _dot_precision(dtype: torch.dtype, input_precision: str) -> str:
+    # Precision only means something for float32 operands; 16-bit ones get tl.dot's CUDA default ("tf32", a no-op
+    # for them), which also avoids a recompile per requested precision.
+    return input_precision if dtype == torch.float32 else "tf32"
+
+
+def _launch_conv(x, w_arr, a_arr, b_arr, scaling, bias, residual, relu, out_scale, input_precision, write_mask,
+                 ksize, co, channels_last):
+    """Run the forward kernel; returns (y, mask) (mask empty unless ``write_mask``)."""
+    nb, ci, h, w = x.shape
+    y = _poison(_empty_image((nb, co, h, w), x, channels_last))
+    mask = (_poison(torch.empty_strided(y.shape, y.stride(), dtype=torch.uint8, device=y.device)) if write_mask
+            else torch.empty(0, dtype=torch.uint8, device=y.device))
+    m = nb * h * w
+    if m == 0 or co == 0:
+        return y, mask
+    _check_runnable(x)
+    has_lora = a_arr is not None
+    rank = b_arr.shape[0] if has_lora else 1
+    res = residual if residual is not None else y
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"]))  # noqa: E731
+    _lora_conv_fwd_kernel[grid](
+        x, w_arr, a_arr if has_lora else w_arr, b_arr if has_lora else w_arr,
+        bias if bias is not None else w_arr, res, y, mask if write_mask else y,
+        nb, h, w, ci, co, rank,
+        float(scaling), float(out_scale),
+        *x.stride(), *res.stride(), *y.stride(),
+        KH=ksize, KW=ksize,
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, RELU=bool(relu), HAS_RES=residual is not None,
+        WRITE_MASK=bool(write_mask), R_PAD=_pow2_at_least_16(rank),
+        INPUT_PRECISION=_dot_precision(x.dtype, input_precision),
+        UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
+    )
+    return y, mask
+
+
+def _dw_chunk(m: int, co: int, ci: int, taps: int) -> Tuple[int, int]:
+    """Pixels per chunk and number of chunks: depends on the shape only, never on the tuned config."""
+    tiles = triton.cdiv(co, 64) * triton.cdiv(ci, 64) * taps
+    want = max(1, triton.cdiv(_DW_TARGET_PROGRAMS, tiles))
+    cap = max(1, _DW_PARTIAL_BUDGET // (4 * co * ci * taps))
+    chunks = min(want, cap, triton.cdiv(m, _DW_CHUNK_ALIGN))
+    chunk_m = triton.cdiv(triton.cdiv(m, chunks), _DW_CHUNK_ALIGN) * _DW_CHUNK_ALIGN
+    return chunk_m, triton.cdiv(m, chunk_m)
+
+
+def conv_weight_grad(x: torch.Tensor, dy: torch.Tensor, ksize: int, input_precision: str = "tf32") -> torch.Tensor:
+    """float32 ``dW (Co, Ci, k, k)`` of the 'same' stride-1 convolution ``y = conv(x, W)`` for ``dy = ∂L/∂y``."""
+    nb, ci, h, w = x.shape
+    co = dy.shape[1]
+    taps = ksize * ksize
+    m = nb * h * w
+    if m == 0:
+        return torch.zeros((co, ci, ksize, ksize), dtype=torch.float32, device=x.device)
+    _check_runnable(x)
+    chunk_m, chunks = _dw_chunk(m, co, ci, taps)
+    part = _poison(torch.empty((chunks, co, ci, taps), dtype=torch.float32, device=x.device))
+    grid = lambda meta: (chunks, triton.cdiv(co, meta["BLOCK_CO"]) * triton.cdiv(ci, meta["BLOCK_CI"]),  # noqa: E731
+                         taps)
+    _conv_dw_kernel[grid](
+        x, dy, part, nb, h, w, ci, co, chunk_m,
+        *x.stride(), *dy.stride(),
+        KH=ksize, KW=ksize,
+        INPUT_PRECISION=_dot_precision(x.dtype, input_precision),
+        UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
+        BLOCK_M=_DW_BLOCK_M,
+    )
+    # Fixed-order reduction over chunks (torch's dense sum uses no atomics).
+    return part.sum(0).view(co, ci, ksize, ksize)
+
+
+def lora_conv2d_forward(x, weight, lora_a, lora_b, scaling, bias=None, residual=None, relu=False, out_scale=1.0,
+                        input_precision="tf32", write_mask=False):
+    """Launch the fused forward (no autograd, no validation). Returns ``(y, relu_mask)``.
+
+    ``lora_b`` may be (Co, r) or peft's (Co, r, 1, 1). ``relu_mask`` is uint8 ``pre > 0`` in ``y``'s layout when
+    ``write_mask`` is true, else an empty uint8 tensor.
+    """
+    co, _, k, _ = weight.shape
+    rank = lora_a.shape[0]
+    w_arr = _taps_arrangement(weight)
+    a_arr = _taps_arrangement(lora_a)                 # (taps, Ci, r)
+    b_arr = lora_b.reshape(co, rank).t().contiguous()  # (r, Co)
+    return _launch_conv(x, w_arr, a_arr, b_arr, scaling, bias, residual, relu, out_scale, input_precision,
+                        write_mask, k, co, _wants_channels_last(x))
+
+
+def _merged_weight(weight, lora_a, lora_b, scaling):
+    """``W + s·B·A`` merged in float32 and rounded once to the weight dtype (as the forward kernel does per tile)."""
+    co, rank = weight.shape[0], lora_a.shape[0]
+    delta = lora_b.reshape(co, rank).float() @ lora_a.reshape(rank, -1).float()
+    return (weight.float() + scaling * delta.view(weight.shape)).to(weight.dtype)
+
+
+def _relu_grad_input(grad_y, saved, relu, mask_from_output, out_scale):
+    """``∂L/∂pre`` from ``∂L/∂y``: chain rule through ``out_scale·relu(pre)``."""
+    g = grad_y if out_scale == 1.0 else grad_y * out_scale
+    if relu:
+        if mask_from_output:
+            # No residual: sign(y) = sign(out_scale)·[pre > 0]; with out_scale == 0 g is already zero.
+            keep = saved > 0 if out_scale >= 0 else saved < 0
+        else:
+            keep = saved.bool()
+        g = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
+    return g
+
+
+def lora_conv2d_backward(grad_y, x, weight, lora_a, lora_b, saved, scaling, relu, mask_from_output, out_scale,
+                         input_precision, need_x, need_w, need_a, need_b, need_bias):
+    """All input gradients of the fused op; entries not asked for are empty tensors. See FusedLoRAConv2dFunction."""
+    co, ci, k, _ = weight.shape
+    rank = lora_a.shape[0]
+    g = _relu_grad_input(grad_y, saved, relu, mask_from_output, out_scale)
+    # Distinct empties: outputs of a custom op must not alias one another.
+    dx, dw, da, db, dbias = (x.new_empty(0) for _ in range(5))
+    if need_bias:
+        dbias = g.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype)
+    if need_w or need_a or need_b:
+        dw_eff = conv_weight_grad(x, g, k, input_precision)  # float32 (Co, Ci, k, k)
+        flat = dw_eff.view(co, -1)
+        if need_w:
+            dw = dw_eff.to(weight.dtype)
+        if need_a:
+            da = (scaling * (lora_b.reshape(co, rank).float().t() @ flat)).view(lora_a.shape).to(lora_a.dtype)
+        if need_b:
+            db = (scaling * (flat @ lora_a.reshape(rank, -1).float().t())).view(lora_b.shape).to(lora_b.dtype)
+    if need_x:
+        wk = _merged_weight(weight, lora_a, lora_b, scaling)
+        # Transposed 'same' conv = correlation with flipped taps and in/out channels swapped: arrange as
+        # (taps, K = Co, N = Ci) for the forward kernel.
+        w_arr = _taps_arrangement(wk.flip(2, 3).transpose(0, 1))
+        dx, _ = _launch_conv(g, w_arr, None, None, 0.0, None, None, False, 1.0, input_precision, False, k, ci,
+                             _wants_channels_last(x))
+    return dx, dw, da, db, dbias
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Custom ops and autograd
+# --------------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("lorun_fast::lora_conv2d", mutates_args=())
+def _lora_conv2d_op(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], scaling: float, relu: bool,
+                    out_scale: float, input_precision: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the fused LoRA conv: ``(y, relu_mask)``; the mask is non-empty only for relu with a residual."""
+    return lora_conv2d_forward(x, weight, lora_a, lora_b, scaling, bias, residual, relu, out_scale,
+                               input_precision, write_mask=_needs_mask(relu, residual))
+
+
+def _needs_mask(relu, residual) -> bool:
+    # Without a residual the sign of y gives the ReLU mask for free; with one it does not.
+    return bool(relu) and residual is not None
+
+
+@_lora_conv2d_op.register_fake
+def _(x, weight, lora_a, lora_b, bias, residual, scaling, relu, out_scale, input_precision):
+    nb, _, h, w = x.shape
+    y = _empty_image((nb, weight.shape[0], h, w), x, _wants_channels_last(x))
+    if _needs_mask(relu, residual):
+        mask = torch.empty_strided(y.shape, y.stride(), dtype=torch.uint8, device=y.device)
+    else:
+        mask = torch.empty(0, dtype=torch.uint8, device=y.device)
+    return y, mask
+
+
+@torch.library.custom_op("lorun_fast::lora_conv2d_backward", mutates_args=())
+def _lora_conv2d_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                             lora_b: torch.Tensor, saved: Optional[torch.Tensor], scaling: float, relu: bool,
+                             mask_from_output: bool, out_scale: float, input_precision: str, need_x: bool,
+                             need_w: bool, need_a: bool, need_b: bool, need_bias: bool
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``lorun_fast::lora_conv2d``: ``(dx, dW, dA, dB, dbias)``, empty where not needed."""
+    return lora_conv2d_backward(grad_y, x, weight, lora_a, lora_b, saved, scaling, relu, mask_from_output,
+                                out_scale, input_precision, need_x, need_w, need_a, need_b, need_bias)
+
+
+@_lora_conv2d_backward_op.register_fake
+def _(grad_y, x, weight, lora_a, lora_b, saved, scaling, relu, mask_from_output, out_scale, input_precision,
+      need_x, need_w, need_a, need_b, need_bias):
+    dx = _empty_image(x.shape, x, _wants_channels_last(x)) if need_x else x.new_empty(0)
+    dw = weight.new_empty(weight.shape) if need_w else x.new_empty(0)
+    da = lora_a.new_empty(lora_a.shape) if need_a else x.new_empty(0)
+    db = lora_b.new_empty(lora_b.shape) if need_b else x.new_empty(0)
+    dbias = weight.new_empty(weight.shape[0]) if need_bias else x.new_empty(0)
+    return dx, dw, da, db, dbias
+
+
+class FusedLoRAConv2dFunction(torch.autograd.Function):
+    """Autograd of the fused LoRA convolution (also registered as ``lorun_fast::lora_conv2d``'s autograd).
+
+    Inputs ``(x, W, A, B, bias, residual, s, relu, out_scale, input_precision)``, outputs ``(y, relu_mask)``:
+
+        W_k  = W + s·B·A                           (A as r × Ci·kh·kw, B as Co × r)
+        pre  = conv(x, W_k) + bias                 ('same' padding p = (k-1)/2, stride 1)
+        y    = out_scale·relu(pre) + residual      (relu optional, residual optional)
+
+    Backward, with ``G = ∂L/∂y``:
+
+        dpre      = out_scale · G · [pre > 0]        (mask: sign of y when there is no residual — exact unless
+                                                      out_scale·pre underflows to 0 in y's dtype — else the uint8
+                                                      mask saved by the forward; no mask without relu)
+        dbias     = Σ_{n,h,w} dpre
+        dresidual = G
+        dW_eff    = Σ_{n,h,w} dpre[n,:,h,w] ⊗ im2col(x)[n,:,h,w]     (Co × Ci·kh·kw, float32, deterministic)
+        dW        = dW_eff                                          (only if W requires grad)
+        dA        = s · Bᵀ · dW_eff                                 (r × Ci·kh·kw)
+        dB        = s · dW_eff · Aᵀ                                 (Co × r)
+        dx        = conv_transpose(dpre, W_k) = conv(dpre, flip_{h,w}(W_k) with in/out channels swapped)
+
+    Saved: x, W, A, B and y (or the uint8 mask); nothing of rank r. ``s``, ``out_scale`` are constants (no grad).
+    """
+
+    @staticmethod
+    def forward(x, weight, lora_a, lora_b, bias, residual, scaling, relu, out_scale, input_precision):
+        return lora_conv2d_forward(x, weight, lora_a, lora_b, scaling, bias, residual, relu, out_scale,
+                                   input_precision, write_mask=_needs_mask(relu, residual))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, lora_a, lora_b, bias, residual, scaling, relu, out_scale, input_precision = inputs
+        y, mask = output
+        ctx.mask_from_output = not _needs_mask(relu, residual)
+        saved = (y if ctx.mask_from_output else mask) if relu else None
+        ctx.save_for_backward(x, weight, lora_a, lora_b, saved)
+        ctx.scaling, ctx.relu, ctx.out_scale, ctx.input_precision = scaling, relu, out_scale, input_precision
+        if hasattr(ctx, "mark_non_differentiable"):
+            ctx.mark_non_differentiable(mask)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mask=None):
+        x, weight, lora_a, lora_b, saved = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw, da, db, dbias = torch.ops.lorun_fast.lora_conv2d_backward(
+            grad_y, x, weight, lora_a, lora_b, saved, ctx.scaling, ctx.relu, ctx.mask_from_output, ctx.out_scale,
+            ctx.input_precision, need[0], need[1], need[2], need[3], need[4])
+        return (dx if need[0] else None, dw if need[1] else None, da if need[2] else None, db if need[3] else None,
+                dbias if need[4] else None, grad_y if need[5] else None, None, None, None, None)
+
+
+torch.library.register_autograd("lorun_fast::lora_conv2d", FusedLoRAConv2dFunction.backward,
+                                setup_context=FusedLoRAConv2dFunction.setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------------------------
+
+def _check_inputs(x, weight, lora_a, lora_b, scaling, bias, padding, residual, out_scale, input_precision):
+    tensors = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b, "bias": bias, "residual": residual}
+    for name, t in tensors.items():
+        if t is None and name in ("bias", "residual"):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"x: dtype {x.dtype} is not supported; use float32, float16 or bfloat16")
+    for name, t in tensors.items():
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} does not match x's dtype {x.dtype}")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: on device {t.device}, but x is on {x.device}; all tensors must share a device")
+    if x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight: expected a 4-D (Co, Ci, kh, kw) tensor, got shape {tuple(weight.shape)}")
+    co, ci, kh, kw = weight.shape
+    if (kh, kw) not in ((1, 1), (3, 3)):
+        raise ValueError(f"weight: kernel must be 1×1 or 3×3, got {kh}×{kw}")
+    if co == 0 or ci == 0:
+        raise ValueError(f"weight: needs at least one input and one output channel, got shape {tuple(weight.shape)}")
+    if x.shape[1] != ci:
+        raise ValueError(f"x: expected {ci} channels (weight is {tuple(weight.shape)}), got shape {tuple(x.shape)}")
+    if lora_a.dim() != 4 or lora_a.shape[1:] != weight.shape[1:] or lora_a.shape[0] < 1:
+        raise ValueError(f"lora_a: expected shape (r, {ci}, {kh}, {kw}) with r ≥ 1, got {tuple(lora_a.shape)}")
+    rank = lora_a.shape[0]
+    if lora_b.dim() == 4 and lora_b.shape[2:] == (1, 1):
+        b2 = lora_b.shape[:2]
+    elif lora_b.dim() == 2:
+        b2 = lora_b.shape
+    else:
+        raise ValueError(f"lora_b: expected shape ({co}, r) or ({co}, r, 1, 1), got {tuple(lora_b.shape)}")
+    if b2[0] != co:
+        raise ValueError(f"lora_b: expected {co} output channels (weight is {tuple(weight.shape)}), "
+                         f"got shape {tuple(lora_b.shape)}")
+    if b2[1] != rank:
+        raise ValueError(f"lora_b: rank {b2[1]} does not match lora_a's rank {rank} "
+                         f"(lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)})")
+    if bias is not None and tuple(bias.shape) != (co,):
+        raise ValueError(f"bias: expected shape ({co},), got {tuple(bias.shape)}")
+    nb, _, h, w = x.shape
+    if residual is not None and tuple(residual.shape) != (nb, co, h, w):
+        raise ValueError(f"residual: expected the output's shape {(nb, co, h, w)}, got {tuple(residual.shape)}")
+    want_pad = (kh - 1) // 2
+    pad = padding
+    if isinstance(pad, str):
+        if pad != "same":
+            raise ValueError(f"padding: expected {want_pad} or 'same', got {padding!r}")
+        pad = want_pad
+    if isinstance(pad, (tuple, list)):
+        if len(pad) != 2 or pad[0] != pad[1]:
+            raise ValueError(f"padding: expected {want_pad} ('same' for a {kh}×{kw} kernel), got {padding!r}")
+        pad = pad[0]
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad != want_pad:
+        raise ValueError(f"padding: only 'same' padding is supported: expected {want_pad} for a {kh}×{kw} kernel, "
+                         f"got {padding!r}")
+    for name, v in (("scaling", scaling), ("out_scale", out_scale)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name}: expected a Python float, got {type(v).__name__}")
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError(f"{name}: expected a finite number, got {v}")
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"input_precision: expected one of {INPUT_PRECISIONS}, got {input_precision!r}")
+
+
+def fused_lora_conv2d(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                      scaling: float, bias: Optional[torch.Tensor] = None, *, padding, relu: bool = False,
+                      residual: Optional[torch.Tensor] = None, out_scale: float = 1.0,
+                      input_precision: str = "tf32") -> torch.Tensor:
+    """``out_scale·act(conv(x, W + s·B·A) + bias) + residual`` in one fused Triton kernel (autograd-aware).
+
+    Args:
+        x: (N, Ci, H, W), float32 / float16 / bfloat16, any strides (channels_last is the fast layout; the output
+            has x's layout).
+        weight: base weight (Co, Ci, k, k) with k = 1 or 3.
+        lora_a: (r, Ci, k, k); lora_b: (Co, r) or peft's (Co, r, 1, 1).
+        scaling: s (peft's alpha / r), a Python number.
+        bias: optional (Co,).
+        padding: must be 'same': 1 (or (1, 1) or "same") for 3×3, 0 for 1×1. Stride is 1.
+        relu: apply ReLU after the bias.
+        residual: optional (N, Co, H, W) tensor added last.
+        out_scale: multiplies the activation, before the residual.
+        input_precision: "ieee", "tf32" or "tf32x3" for float32 inputs (ignored for 16-bit inputs, which
+            multiply in their own precision with float32 accumulation).
+
+    All tensors share one dtype and device. Registered as ``torch.ops.lorun_fast.lora_conv2d`` (returns
+    ``(y, relu_mask)``), so it works under autograd and ``torch.compile(fullgraph=True)``.
+    """
+    _check_inputs(x, weight, lora_a, lora_b, scaling, bias, padding, residual, out_scale, input_precision)
+    y, _ = torch.ops.lorun_fast.lora_conv2d(x, weight, lora_a, lora_b, bias, residual, float(scaling), bool(relu),
+                                           float(out_scale), input_precision)
+    return y

@@ -1,0 +1,458 @@
+"""Fused LoRA convolution kernel (lorun_fast.kernels.lora_conv) against a float64 PyTorch reference.
+
+Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors, on small shapes.
+"""
+import os
+
+import torch
+
+# Triton decides between compiling and interpreting when a kernel is *decorated*, i.e. when
+# lorun_fast.kernels.lora_conv is first imported, so the variable must be set before that import (importing triton
+# itself earlier is harmless). Without CUDA the interpreter is the only way to run the kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lorun_fast.kernels import lora_conv as lc  # noqa: E402
+from lorun_fast.kernels.lora_conv import FusedLoRAConv2dFunction, fused_lora_conv2d  # noqa: E402
+from lorun_fast.reference.lora_conv import LoRAConv2d  # noqa: E402
+
+INTERPRET = lc._INTERPRET
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
+
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cpu" and not INTERPRET,
+    reason="lorun_fast.kernels.lora_conv was imported before TRITON_INTERPRET=1 was set and there is no CUDA device "
+           "(tests/conftest.py should set TRITON_INTERPRET=1 when CUDA is unavailable)")
+gpu_only = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA device and compiled (not interpreted) "
+                                                                "Triton kernels")
+
+# All tolerances. For float32 modes: max|kernel − ref| ≤ rtol·max|ref| + atol, per output / gradient, against a
+# float64 reference. For 16-bit dtypes (DESIGN.md §7):
+#     max|kernel − ref| ≤ factor·max|torch − ref| + atol·max|ref|,
+# where "torch" is the same computation done by PyTorch in that dtype.
+TOL = {
+    "ieee": {"rtol": 1e-5, "atol": 1e-6},
+    "tf32x3": {"rtol": 1e-5, "atol": 1e-6},
+    "tf32": {"rtol": 5e-3, "atol": 1e-4},  # 10-bit-mantissa products on a GPU; exact fp32 in the interpreter
+    torch.float16: {"factor": 2.0, "atol": 2e-3},
+    torch.bfloat16: {"factor": 2.0, "atol": 1.6e-2},
+}
+
+GRAD_NAMES = ("x", "weight", "lora_a", "lora_b", "bias", "residual")
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN, so an element the kernels skip shows up as NaN."""
+    monkeypatch.setattr(lc, "POISON_OUTPUTS", True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+def make_case(n, ci, co, k, r, h, w, bias=True, residual=False, seed=0):
+    """Fresh float64 inputs scaled so that the output and the LoRA term are both O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    fan_in = ci * k * k
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE)
+
+    return {
+        "x": rnd(n, ci, h, w),
+        "weight": rnd(co, ci, k, k, scale=fan_in ** -0.5),
+        "lora_a": rnd(r, ci, k, k, scale=fan_in ** -0.5),
+        "lora_b": rnd(co, r, scale=r ** -0.5),
+        "bias": rnd(co) if bias else None,
+        "residual": rnd(n, co, h, w) if residual else None,
+        "grad": rnd(n, co, h, w),
+    }
+
+
+def reference(x, weight, lora_a, lora_b, bias, residual, scaling, relu, out_scale):
+    """The documented semantics, in plain PyTorch: out_scale·act(conv(x, W + s·B·A) + bias) + residual."""
+    merged = weight + scaling * (lora_b.reshape(lora_b.shape[0], -1) @ lora_a.flatten(1)).view_as(weight)
+    y = F.conv2d(x, merged, bias, padding=weight.shape[-1] // 2)
+    if relu:
+        y = torch.relu(y)
+    y = y * out_scale
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+def to_layout(t, layout):
+    if t is None or layout == "nchw":
+        return t
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def run(fn, case, dtype, scaling, relu, out_scale, x_layout="nchw", res_layout=None, **kw):
+    """Forward + backward through ``fn``; returns (y, {name: grad}) in float64."""
+    leaves = {}
+    for name in GRAD_NAMES:
+        t = case[name]
+        if t is None:
+            leaves[name] = None
+            continue
+        t = t.detach().to(dtype)
+        if name == "x":
+            t = to_layout(t, x_layout)
+        elif name == "residual":
+            t = to_layout(t, res_layout or x_layout)
+        leaves[name] = t.requires_grad_()
+    y = fn(leaves["x"], leaves["weight"], leaves["lora_a"], leaves["lora_b"], leaves["bias"], leaves["residual"],
+           scaling, relu, out_scale, **kw)
+    y.backward(case["grad"].to(dtype))
+    grads = {k: v.grad.double() for k, v in leaves.items() if v is not None}
+    return y.detach().double(), grads
+
+
+def kernel_fn(x, weight, lora_a, lora_b, bias, residual, scaling, relu, out_scale, input_precision="ieee"):
+    return fused_lora_conv2d(x, weight, lora_a, lora_b, scaling, bias, padding=weight.shape[-1] // 2, relu=relu,
+                             residual=residual, out_scale=out_scale, input_precision=input_precision)
+
+
+def max_err(a, b):
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_fp32(name, got, want, mode):
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten / poisoned elements?)"
+    tol = TOL[mode]
+    scale = want.abs().max().item() if want.numel() else 0.0
+    err = max_err(got, want)
+    assert err <= tol["rtol"] * scale + tol["atol"], f"{name}: max error {err:.3g} (reference scale {scale:.3g})"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# float32 against float64
+# --------------------------------------------------------------------------------------------------------------------
+
+#      n  ci  co  k   r   h   w  bias  relu   res    x layout  res layout out_scale
+CASES = [
+    (2, 24, 16, 3, 4, 17, 23, True, True, True, "cl", "cl", 0.5),
+    (1, 3, 1, 3, 1, 8, 8, False, False, False, "nchw", None, 1.0),
+    (3, 16, 24, 1, 16, 8, 8, True, True, False, "cl", None, 1.0),
+    (1, 32, 3, 3, 16, 17, 23, False, False, True, "nchw", "nchw", -0.7),
+    (2, 1, 32, 3, 1, 8, 8, True, True, False, "nchw", None, 2.0),
+    (1, 24, 32, 1, 4, 17, 23, True, False, True, "cl", "cl", 1.0),
+    (2, 16, 16, 3, 4, 8, 8, True, True, True, "cl", "nchw", -1.0),   # relu + residual: the saved-mask path
+    (1, 32, 32, 3, 16, 8, 8, False, True, False, "cl", None, -1.5),  # relu, no residual, negative out_scale
+    (3, 3, 16, 1, 1, 17, 23, True, False, False, "nchw", None, 1.0),
+    (1, 1, 3, 3, 4, 17, 23, True, True, True, "nchw", "cl", 1.0),    # rank > Ci
+]
+
+
+@pytest.mark.parametrize("n,ci,co,k,r,h,w,bias,relu,res,x_layout,res_layout,out_scale", CASES)
+def test_float32_matches_float64_reference(n, ci, co, k, r, h, w, bias, relu, res, x_layout, res_layout, out_scale):
+    case = make_case(n, ci, co, k, r, h, w, bias=bias, residual=res, seed=n * 1000 + ci * 10 + co)
+    scaling = 0.75
+    y, grads = run(kernel_fn, case, torch.float32, scaling, relu, out_scale, x_layout, res_layout)
+    y_ref, grads_ref = run(reference, case, torch.float64, scaling, relu, out_scale)
+    assert_close_fp32("y", y, y_ref, "ieee")
+    assert set(grads) == set(grads_ref)
+    for name in grads_ref:
+        assert_close_fp32(f"d{name}", grads[name], grads_ref[name], "ieee")
+
+
+def test_output_layout_follows_input():
+    case = make_case(2, 16, 24, 3, 4, 8, 8)
+    for layout, fmt in (("cl", torch.channels_last), ("nchw", torch.contiguous_format)):
+        x = to_layout(case["x"].float(), layout).requires_grad_()
+        y = kernel_fn(x, case["weight"].float(), case["lora_a"].float(), case["lora_b"].float(), None, None, 1.0,
+                      False, 1.0)
+        assert y.is_contiguous(memory_format=fmt)
+        y.backward(case["grad"].float())
+        assert x.grad.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("mode", ["tf32", "tf32x3"])
+def test_float32_input_precisions(mode):
+    case = make_case(2, 24, 16, 3, 4, 8, 8, residual=True, seed=7)
+    y, grads = run(kernel_fn, case, torch.float32, 0.5, False, 1.0, "cl", input_precision=mode)
+    y_ref, grads_ref = run(reference, case, torch.float64, 0.5, False, 1.0)
+    assert_close_fp32("y", y, y_ref, mode)
+    for name in grads_ref:
+        assert_close_fp32(f"d{name}", grads[name], grads_ref[name], mode)
+
+
+def test_strided_views_and_expanded_gradient():
+    """Inputs that are neither NCHW- nor channels_last-contiguous, and a stride-0 grad_y from ``.sum()``."""
+    case = make_case(2, 16, 16, 3, 4, 9, 11, residual=True, seed=3)
+    wide = torch.zeros(2, 32, 9, 22, device=DEVICE)
+    wide[:, ::2, :, ::2] = case["x"].float()
+    x = wide[:, ::2, :, ::2].requires_grad_()  # strides (6336, 396, 22, 2)
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    res = case["residual"].float().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()  # column-major
+    w, a, b = (case[k].float().requires_grad_() for k in ("weight", "lora_a", "lora_b"))
+    y = fused_lora_conv2d(x, w, a, b, 0.5, None, padding=1, residual=res, input_precision="ieee")
+    y.sum().backward()
+    ref = [case[k].clone().requires_grad_() for k in ("x", "weight", "lora_a", "lora_b", "residual")]
+    y_ref = reference(ref[0], ref[1], ref[2], ref[3], None, ref[4], 0.5, False, 1.0)
+    y_ref.sum().backward()
+    assert_close_fp32("y", y.double(), y_ref.detach(), "ieee")
+    for name, got, want in zip(("x", "weight", "lora_a", "lora_b", "residual"), (x, w, a, b, res), ref):
+        assert_close_fp32(f"d{name}", got.grad.double(), want.grad, "ieee")
+
+
+def test_matches_reference_module_with_peft_shapes():
+    """Against ``reference.LoRAConv2d`` (peft names; B as a (Co, r, 1, 1) conv weight) in float64."""
+    torch.manual_seed(11)
+    base = nn.Conv2d(5, 7, 3, padding=1, bias=True, dtype=torch.float64)
+    layer = LoRAConv2d(base, num_stages=2, rank=3, alpha=6.0).to(DEVICE)
+    with torch.no_grad():
+        layer.lora_B["1"].weight.normal_()  # peft initialises B to zero: make the adapter matter
+    x64 = torch.randn(2, 5, 9, 13, dtype=torch.float64, device=DEVICE)
+    y_ref = layer(x64, stage=1)
+    params = [base.weight, layer.lora_A["1"].weight, layer.lora_B["1"].weight, base.bias]
+    g = torch.randn_like(y_ref)
+    ref_grads = torch.autograd.grad(y_ref, params, g)
+    leaves = [p.detach().float().requires_grad_() for p in params]
+    y = fused_lora_conv2d(x64.float(), leaves[0], leaves[1], leaves[2], layer.scaling, leaves[3], padding=1,
+                          input_precision="ieee")
+    y.backward(g.float())
+    assert_close_fp32("y", y.double(), y_ref.detach(), "ieee")
+    for name, leaf, want in zip(("weight", "lora_a", "lora_b", "bias"), leaves, ref_grads):
+        assert leaf.grad.shape == want.shape
+        assert_close_fp32(f"d{name}", leaf.grad.double(), want, "ieee")
+
+
+def test_frozen_base_only_adapters_get_gradients():
+    case = make_case(2, 16, 24, 3, 4, 8, 8, seed=5)
+    x, w, bias = case["x"].float(), case["weight"].float(), case["bias"].float()
+    a, b = case["lora_a"].float().requires_grad_(), case["lora_b"].float().requires_grad_()
+    y = fused_lora_conv2d(x, w, a, b, 0.5, bias, padding=1, relu=True, input_precision="ieee")
+    y.backward(case["grad"].float())
+    ra, rb = case["lora_a"].clone().requires_grad_(), case["lora_b"].clone().requires_grad_()
+    reference(case["x"], case["weight"], ra, rb, case["bias"], None, 0.5, True, 1.0).backward(case["grad"])
+    assert x.grad is None and w.grad is None and bias.grad is None
+    assert_close_fp32("dlora_a", a.grad.double(), ra.grad, "ieee")
+    assert_close_fp32("dlora_b", b.grad.double(), rb.grad, "ieee")
+
+
+def test_relu_with_zero_out_scale_gives_zero_gradients():
+    case = make_case(1, 16, 16, 3, 4, 8, 8, residual=True, seed=9)
+    for res in (None, case["residual"].float().requires_grad_()):
+        x = case["x"].float().requires_grad_()
+        a = case["lora_a"].float().requires_grad_()
+        y = fused_lora_conv2d(x, case["weight"].float(), a, case["lora_b"].float(), 1.0, padding=1, relu=True,
+                              residual=res, out_scale=0.0, input_precision="ieee")
+        y.backward(case["grad"].float())
+        assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(a.grad, torch.zeros_like(a))
+        if res is not None:
+            assert torch.equal(res.grad, case["grad"].float())
+
+
+def test_empty_batch():
+    case = make_case(1, 16, 8, 3, 4, 8, 8)
+    x = case["x"].float()[:0].requires_grad_()
+    a = case["lora_a"].float().requires_grad_()
+    y = fused_lora_conv2d(x, case["weight"].float(), a, case["lora_b"].float(), 1.0, padding=1)
+    assert y.shape == (0, 8, 8, 8)
+    y.sum().backward()
+    assert torch.equal(a.grad, torch.zeros_like(a))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 16-bit dtypes: judged against PyTorch's own error at the same precision
+# --------------------------------------------------------------------------------------------------------------------
+
+def _assert_mixed(name, got, torch_same, want, dtype):
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    tol = TOL[dtype]
+    err, torch_err = max_err(got, want), max_err(torch_same, want)
+    scale = want.abs().max().item()
+    assert err <= tol["factor"] * torch_err + tol["atol"] * scale, \
+        f"{name}: kernel error {err:.3g} vs torch {dtype} error {torch_err:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,ci,co,k,r,h,w,relu,res,layout", [
+    (2, 24, 16, 3, 4, 17, 23, False, True, "cl"),
+    (1, 16, 32, 1, 16, 8, 8, True, False, "nchw"),
+])
+def test_half_precision_against_torch_error(dtype, n, ci, co, k, r, h, w, relu, res, layout):
+    case = make_case(n, ci, co, k, r, h, w, residual=res, seed=21 + ci)
+    y, grads = run(kernel_fn, case, dtype, 0.5, relu, 0.8, layout)
+    y_t, grads_t = run(reference, case, dtype, 0.5, relu, 0.8, layout)
+    y_ref, grads_ref = run(reference, case, torch.float64, 0.5, relu, 0.8)
+    _assert_mixed("y", y, y_t, y_ref, dtype)
+    if relu:
+        # Rounding flips the ReLU mask where pre ≈ 0, differently for the kernel, torch and the reference, and a
+        # flipped element moves a gradient by O(|grad|): compare gradients only without ReLU.
+        return
+    for name in grads_ref:
+        _assert_mixed(f"d{name}", grads[name], grads_t[name], grads_ref[name], dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# determinism, autograd.Function, custom op, torch.compile
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_weight_gradient_is_deterministic():
+    case = make_case(2, 16, 24, 3, 4, 17, 23, seed=13)
+    chunk_m, chunks = lc._dw_chunk(2 * 17 * 23, 24, 16, 9)
+    assert chunks > 1, "the case should split the pixel reduction into several chunks"
+    runs = [run(kernel_fn, case, torch.float32, 0.5, True, 1.0, "cl")[1] for _ in range(2)]
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), f"d{name} differs between two identical runs"
+
+
+def test_autograd_function_matches_custom_op():
+    case = make_case(2, 16, 16, 3, 4, 8, 8, residual=True, seed=17)
+
+    def via_function(x, weight, lora_a, lora_b, bias, residual, scaling, relu, out_scale):
+        y, mask = FusedLoRAConv2dFunction.apply(x, weight, lora_a, lora_b, bias, residual, scaling, relu, out_scale,
+                                                "ieee")
+        assert mask.dtype == torch.uint8 and set(mask.unique().tolist()) <= {0, 1}
+        return y
+
+    y1, g1 = run(via_function, case, torch.float32, 0.5, True, 1.5, "cl")
+    y2, g2 = run(kernel_fn, case, torch.float32, 0.5, True, 1.5, "cl")
+    assert torch.equal(y1, y2)
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), name
+
+
+def test_opcheck_custom_ops():
+    case = make_case(1, 16, 16, 3, 4, 8, 8, residual=True, seed=19)
+    x, w, a, b, bias, res = (case[k].float() for k in GRAD_NAMES)
+    for requires_grad in (False, True):
+        leaves = [t.clone().requires_grad_(requires_grad) for t in (x, w, a, b, bias)]
+        torch.library.opcheck(torch.ops.lorun_fast.lora_conv2d.default,
+                              (*leaves, res, 0.5, True, 1.0, "ieee"))
+    torch.library.opcheck(torch.ops.lorun_fast.lora_conv2d_backward.default,
+                          (case["grad"].float(), x, w, a, b, None, 0.5, False, True, 1.0, "ieee",
+                           True, True, True, True, True))
+
+
+def _compile_check(backend):
+    case = make_case(2, 8, 16, 3, 4, 8, 8, residual=True, seed=23)
+
+    def loss_fn(x, w, a, b, bias, res):
+        y = fused_lora_conv2d(x, w, a, b, 0.5, bias, padding=1, relu=True, residual=res, out_scale=0.5,
+                              input_precision="ieee")
+        return (y * y).mean()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
+    leaves = [case[k].float() for k in GRAD_NAMES]
+    eager_leaves = [t.clone().requires_grad_() for t in leaves]
+    comp_leaves = [t.clone().requires_grad_() for t in leaves]
+    loss_e = loss_fn(*eager_leaves)
+    loss_c = compiled(*comp_leaves)
+    loss_e.backward()
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-7)
+    for name, ge, gc in zip(GRAD_NAMES, eager_leaves, comp_leaves):
+        torch.testing.assert_close(gc.grad, ge.grad, rtol=1e-6, atol=1e-7, msg=f"d{name}")
+
+
+def test_torch_compile_fullgraph_aot_eager():
+    # The custom op is opaque to the compiler: Dynamo/AOTAutograd trace it through register_fake and
+    # register_autograd; its body (the Triton launch, interpreted on CPU) runs eagerly.
+    _compile_check("aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE == "cpu" and shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="Inductor on CPU needs a C++ compiler")
+def test_torch_compile_fullgraph_inductor():
+    _compile_check("inductor")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# input validation (no kernel launches)
+# --------------------------------------------------------------------------------------------------------------------
+
+def _valid_args():
+    x = torch.randn(2, 4, 5, 5)
+    return dict(x=x, weight=torch.randn(6, 4, 3, 3), lora_a=torch.randn(2, 4, 3, 3), lora_b=torch.randn(6, 2),
+                scaling=1.0, bias=torch.randn(6), padding=1, residual=None, relu=False, out_scale=1.0,
+                input_precision="tf32")
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(x=torch.randn(4, 5, 5)), ValueError, "x: expected a 4-D"),
+    (dict(x=torch.randn(2, 3, 5, 5)), ValueError, "x: expected 4 channels"),
+    (dict(x=torch.randint(0, 3, (2, 4, 5, 5))), TypeError, "x: expected a floating-point"),
+    (dict(x=torch.randn(2, 4, 5, 5, dtype=torch.float64)), TypeError, "x: dtype torch.float64 is not supported"),
+    (dict(weight=torch.randn(6, 4, 5, 5), lora_a=torch.randn(2, 4, 5, 5), padding=2), ValueError,
+     "weight: kernel must be 1×1 or 3×3"),
+    (dict(weight=torch.randn(6, 4, 3, 1)), ValueError, "weight: kernel must be"),
+    (dict(weight=torch.randn(6, 4, 3)), ValueError, "weight: expected a 4-D"),
+    (dict(lora_a=torch.randn(2, 4, 1, 1)), ValueError, "lora_a: expected shape"),
+    (dict(lora_b=torch.randn(6, 3)), ValueError, "lora_b: rank 3 does not match lora_a's rank 2"),
+    (dict(lora_b=torch.randn(5, 2)), ValueError, "lora_b: expected 6 output channels"),
+    (dict(lora_b=torch.randn(6, 2, 3, 3)), ValueError, "lora_b: expected shape"),
+    (dict(bias=torch.randn(5)), ValueError, "bias: expected shape"),
+    (dict(bias=torch.randn(6, dtype=torch.float16)), TypeError, "bias: dtype torch.float16 does not match"),
+    (dict(lora_b=torch.randn(6, 2).bfloat16()), TypeError, "lora_b: dtype"),
+    (dict(residual=torch.randn(2, 6, 4, 5)), ValueError, "residual: expected the output's shape"),
+    (dict(residual=torch.randn(2, 6, 5, 5, device="meta")), ValueError, "residual: on device meta"),
+    (dict(padding=0), ValueError, "padding: only 'same' padding"),
+    (dict(padding="valid"), ValueError, "padding: expected"),
+    (dict(padding=(1, 0)), ValueError, "padding: expected"),
+    (dict(input_precision="bf16x3"), ValueError, "input_precision: expected one of"),
+    (dict(scaling=torch.tensor(1.0)), TypeError, "scaling: expected a Python float"),
+    (dict(out_scale=float("nan")), ValueError, "out_scale: expected a finite number"),
+    (dict(weight=[[1.0]]), TypeError, "weight: expected a torch.Tensor"),
+])
+def test_bad_inputs_raise_naming_the_argument(change, exc, match):
+    args = _valid_args()
+    args.update(change)
+    x, w, a, b, s = (args.pop(k) for k in ("x", "weight", "lora_a", "lora_b", "scaling"))
+    bias = args.pop("bias")
+    with pytest.raises(exc, match=match):
+        fused_lora_conv2d(x, w, a, b, s, bias, **args)
+
+
+def test_valid_padding_spellings_are_accepted():
+    args = _valid_args()
+    for padding in (1, (1, 1), "same"):
+        lc._check_inputs(args["x"], args["weight"], args["lora_a"], args["lora_b"], 1.0, None, padding, None, 1.0,
+                         "ieee")
+    lc._check_inputs(args["x"], torch.randn(6, 4, 1, 1), torch.randn(2, 4, 1, 1), torch.randn(6, 2, 1, 1), 1.0, None,
+                     0, None, 1.0, "ieee")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GPU only: realistic shapes, tuned configs, TF32 and bf16
+# --------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("layout", ["cl", "nchw"])
+def test_gpu_large_shapes(k, layout):
+    case = make_case(4, 64, 64, k, 8, 48, 56, residual=True, seed=31)
+    y_ref, grads_ref = run(reference, case, torch.float64, 0.5, False, 1.0)
+    for mode in ("ieee", "tf32x3", "tf32"):
+        y, grads = run(kernel_fn, case, torch.float32, 0.5, False, 1.0, layout, input_precision=mode)
+        assert_close_fp32(f"y[{mode}]", y, y_ref, mode)
+        for name in grads_ref:
+            assert_close_fp32(f"d{name}[{mode}]", grads[name], grads_ref[name], mode)
+    for dtype in (torch.bfloat16, torch.float16):
+        y, grads = run(kernel_fn, case, dtype, 0.5, False, 1.0, layout)
+        y_t, grads_t = run(reference, case, dtype, 0.5, False, 1.0, layout)
+        _assert_mixed(f"y[{dtype}]", y, y_t, y_ref, dtype)
+        for name in grads_ref:
+            _assert_mixed(f"d{name}[{dtype}]", grads[name], grads_t[name], grads_ref[name], dtype)
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_gpu_weight_gradient_deterministic_many_chunks():
+    case = make_case(8, 32, 48, 3, 4, 64, 64, seed=37)
+    runs = [run(kernel_fn, case, torch.bfloat16, 0.5, True, 1.0, "cl")[1] for _ in range(3)]
+    for name in runs[0]:
+        for other in runs[1:]:
+            assert torch.equal(runs[0][name], other[name]), f"d{name} differs between identical runs"
