@@ -5,14 +5,17 @@ which comes from the task's files; it travels with every checkpoint as JSON.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
-from lorun_fast.reference import DUN, ISTANetPlusPhase, Operator, ResUNet
+from lorun_fast.fused_conv import FusedLoRunConv
+from lorun_fast.reference import DUN, ISTANetPlusPhase, LoRAConv2d, Operator, ResBlock, ResUNet
 
-__all__ = ["BACKBONES", "ModelConfig", "build_backbone", "build_dun"]
+__all__ = ["BACKBONES", "ModelConfig", "build_backbone", "build_dun", "FusedResBlock", "to_fast", "to_reference"]
 
 BACKBONES = {"resunet": ResUNet, "ista_net_plus": ISTANetPlusPhase}
 
@@ -60,3 +63,62 @@ def build_dun(operator: Operator, config: ModelConfig, freeze_base: bool = True)
                 freeze_base=freeze_base)
     model.config = config
     return model
+
+
+class FusedResBlock(ResBlock):
+    """A residual block whose two convolutions run as one fused call each: ReLU in the first one's epilogue, the
+    skip connection in the second one's (when both are :class:`FusedLoRunConv`; plain otherwise)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.conv1, FusedLoRunConv) and isinstance(self.conv2, FusedLoRunConv):
+            return self.conv2(self.conv1(x, relu=True), residual=x)
+        return super().forward(x)
+
+
+def _swap_modules(model: nn.Module, convert) -> None:
+    """Replace every submodule ``m`` for which ``convert(m)`` returns a module (parents before children)."""
+    for name, module in list(model.named_modules()):
+        new = convert(module)
+        if new is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _with_class(module: nn.Module, cls: type) -> nn.Module:
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    return new
+
+
+def to_fast(model: DUN, backend: str = "auto", input_precision: str = "tf32") -> DUN:
+    """A copy of a reference ``lorun`` DUN built on :class:`FusedLoRunConv` (same parameters and names, so the
+    same state dict), with fused residual blocks. ``backend="reference"`` computes exactly what the input does."""
+    fast = copy.deepcopy(model)
+
+    def convert(module):
+        if type(module) is LoRAConv2d:
+            return FusedLoRunConv.from_lora(module, backend=backend, input_precision=input_precision)
+        if type(module) is ResBlock:
+            return _with_class(module, FusedResBlock)
+        return None
+
+    _swap_modules(fast, convert)
+    fast.collect_adapters()
+    return fast
+
+
+def to_reference(model: DUN) -> DUN:
+    """The inverse of :func:`to_fast`: a copy built on the reference LoRA layers and residual blocks."""
+    reference = copy.deepcopy(model)
+
+    def convert(module):
+        if isinstance(module, FusedLoRunConv):
+            return module.to_reference()
+        if type(module) is FusedResBlock:
+            return _with_class(module, ResBlock)
+        return None
+
+    _swap_modules(reference, convert)
+    reference.collect_adapters()
+    return reference

@@ -113,7 +113,7 @@ class DUN(nn.Module):
             self.lora_names = apply_lora(self.denoisers[0], num_stages, self.targets, rank, gamma, alpha)
             if freeze_base:
                 self.freeze_base()
-        self._lora = lora_layers(self.denoisers[0]) if strategy == "lorun" else []
+        self.collect_adapters()
         step = operator.default_step() if step_init is None else float(step_init)
         self.rho = nn.Parameter(torch.full((num_stages,), step))
 
@@ -129,6 +129,10 @@ class DUN(nn.Module):
         # a copy of shared.rho keeps its dtype: copying into the float32 default rounds a float64 step size
         model.rho = nn.Parameter(shared.rho.detach().clone())
         return model.to(shared.rho.device)
+
+    def collect_adapters(self) -> None:
+        """Find the per-stage adapter layers again (after layers were swapped, e.g. for their fast siblings)."""
+        self._lora = lora_layers(self.denoisers[0]) if self.strategy == "lorun" else []
 
     def freeze_base(self) -> None:
         """Freeze everything of the denoiser except the adapters (the step sizes stay trainable)."""

@@ -1,0 +1,181 @@
+"""``FusedLoRunConv``: a drop-in ``nn.Conv2d`` with one shared base weight and one LoRA adapter per DUN stage.
+
+It is the reference :class:`~lorun_fast.reference.LoRAConv2d` (same parameters, names and init, so state dicts
+move between the two unchanged) with three ways to compute a stage:
+
+- ``triton``: the fused Triton kernel (``lorun_fast.kernels.lora_conv``): the merged weight ``W + s·B_k A_k`` is
+  formed tile by tile in the kernel's prologue, bias / ReLU / scale / residual in its epilogue, and the backward
+  saves nothing of rank r. Covers 3×3 (padding 1) and 1×1 (padding 0) stride-1 convolutions on CUDA;
+- ``merged``: merge the weight with torch, then one ``F.conv2d`` (cuDNN on a GPU): the CPU default and the path
+  for layers the kernel does not cover (the 2×2 stride-2 down and transposed up convolutions of a ResUNet);
+- ``reference``: peft's unfused three-convolution form.
+
+``auto`` picks ``triton`` for CUDA inputs the kernel covers and ``merged`` otherwise.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorun_fast.reference import LoRAConv2d, check_stage, merged_conv
+
+__all__ = ["FusedLoRunConv", "BACKENDS"]
+
+BACKENDS = ("auto", "triton", "merged", "reference")
+INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+class FusedLoRunConv(LoRAConv2d):
+    """A LoRA convolution with ``num_stages`` adapters, computed by the fused Triton kernel where it can be.
+
+    Constructor: ``nn.Conv2d``'s arguments (``bias`` defaults to False, as DUN denoisers have none) plus
+    ``num_stages``, ``rank`` (or the paper's rule with ``gamma``), ``alpha`` (default: the rank, so s = 1),
+    ``backend`` (one of ``BACKENDS``) and ``input_precision`` for float32 on the Triton path
+    (``"ieee"``, ``"tf32"`` or ``"tf32x3"``). Dilation, groups and non-zero padding modes are not supported and
+    raise here, not at the first forward.
+
+    ``forward(x, stage=None, *, relu=False, residual=None, out_scale=1.0)`` computes
+    ``out_scale·act(conv(x, W + s·B_k A_k) + bias) + residual`` for stage k (``active_stage`` when None).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = False, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 num_stages: int, rank: int | None = None, gamma: float = 10.0, alpha: float | None = None,
+                 backend: str = "auto", input_precision: str = "tf32"):
+        if _pair(dilation) != (1, 1):
+            raise ValueError(f"dilation: FusedLoRunConv supports dilation 1 only, got {dilation}")
+        if groups != 1:
+            raise ValueError(f"groups: FusedLoRunConv supports groups=1 only, got {groups}")
+        if padding_mode != "zeros":
+            raise ValueError(f"padding_mode: FusedLoRunConv supports 'zeros' only, got {padding_mode!r}")
+        base = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias, device=device,
+                         dtype=dtype)
+        self._setup(base, num_stages, rank, gamma, alpha, backend, input_precision)
+
+    def _setup(self, base: nn.Module, num_stages, rank, gamma, alpha, backend, input_precision) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if input_precision not in INPUT_PRECISIONS:
+            raise ValueError(f"input_precision: expected one of {INPUT_PRECISIONS}, got {input_precision!r}")
+        LoRAConv2d.__init__(self, base, num_stages, rank=rank, gamma=gamma, alpha=alpha)
+        if backend == "triton" and not self.triton_supported:
+            raise ValueError(f"backend: 'triton' covers 3×3 (padding 1) and 1×1 (padding 0) stride-1 convolutions, "
+                             f"not {self._describe()}; use 'merged' or 'auto'")
+        self.backend = backend
+        self.input_precision = input_precision
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, num_stages: int, *, rank: int | None = None, gamma: float = 10.0,
+                  alpha: float | None = None, backend: str = "auto", input_precision: str = "tf32"
+                  ) -> "FusedLoRunConv":
+        """Wrap an existing ``nn.Conv2d`` or ``nn.ConvTranspose2d`` (kept as ``base_layer``) with fresh adapters."""
+        if not isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)):
+            raise TypeError(f"conv: expected nn.Conv2d or nn.ConvTranspose2d, got {type(conv).__name__}")
+        for name, ok in (("dilation", _pair(conv.dilation) == (1, 1)), ("groups", conv.groups == 1),
+                         ("padding_mode", conv.padding_mode == "zeros")):
+            if not ok:
+                raise ValueError(f"conv: FusedLoRunConv does not support {name}={getattr(conv, name)!r}")
+        layer = cls.__new__(cls)
+        layer._setup(conv, num_stages, rank, gamma, alpha, backend, input_precision)
+        return layer
+
+    @classmethod
+    def from_lora(cls, layer: LoRAConv2d, backend: str = "auto", input_precision: str = "tf32") -> "FusedLoRunConv":
+        """The fast sibling of a reference layer: a copy with the same parameters and names."""
+        fast = cls.from_conv(copy.deepcopy(layer.base_layer), layer.num_stages, rank=layer.rank, alpha=layer.alpha, backend=backend,
+                             input_precision=input_precision)
+        fast.load_state_dict(layer.state_dict())
+        fast.active_stage = layer.active_stage
+        return fast
+
+    def to_reference(self) -> LoRAConv2d:
+        """The reference sibling: a copy with the same parameters and names."""
+        reference = LoRAConv2d(copy.deepcopy(self.base_layer), self.num_stages, rank=self.rank, alpha=self.alpha)
+        reference.load_state_dict(self.state_dict())
+        reference.active_stage = self.active_stage
+        return reference
+
+    # nn.Conv2d look-alike attributes, so code written for a Conv2d keeps working.
+    weight = property(lambda self: self.base_layer.weight)
+    bias = property(lambda self: self.base_layer.bias)
+    kernel_size = property(lambda self: self.base_layer.kernel_size)
+    stride = property(lambda self: self.base_layer.stride)
+    padding = property(lambda self: self.base_layer.padding)
+
+    @property
+    def triton_supported(self) -> bool:
+        """Whether the fused kernel covers this layer's geometry (whatever the input's device)."""
+        base = self.base_layer
+        if self.transposed or _pair(base.stride) != (1, 1):
+            return False
+        kernel = _pair(base.kernel_size)
+        padding = base.padding if isinstance(base.padding, str) else _pair(base.padding)
+        same = (kernel[0] - 1) // 2
+        return kernel in ((1, 1), (3, 3)) and (padding == "same" or padding == (same, same))
+
+    def _describe(self) -> str:
+        base = self.base_layer
+        kind = "transposed " if self.transposed else ""
+        return f"a {kind}{_pair(base.kernel_size)} kernel with stride {base.stride} and padding {base.padding}"
+
+    def resolve_backend(self, x: torch.Tensor) -> str:
+        """The backend that will compute a forward on ``x``."""
+        if self.backend != "auto":
+            return self.backend
+        if self.triton_supported and x.is_cuda and x.dtype in _TRITON_DTYPES:
+            return "triton"
+        return "merged"
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x: expected (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+        weight = self.base_layer.weight
+        if x.device != weight.device:
+            raise ValueError(f"x: on {x.device}, but the layer's weights are on {weight.device}")
+        if x.dtype != weight.dtype:
+            raise TypeError(f"x: dtype {x.dtype} does not match the layer's weights ({weight.dtype})")
+
+    def forward(self, x: torch.Tensor, stage: int | None = None, *, relu: bool = False,
+                residual: torch.Tensor | None = None, out_scale: float = 1.0) -> torch.Tensor:
+        stage = check_stage(self.active_stage if stage is None else stage, self.num_stages)
+        self._check_input(x)
+        backend = self.resolve_backend(x)
+        if backend == "triton":
+            if not (x.is_cuda or _interpreting()):
+                raise RuntimeError("backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on a CPU); "
+                                   f"x is on {x.device}")
+            from lorun_fast.kernels.lora_conv import fused_lora_conv2d
+
+            base = self.base_layer
+            return fused_lora_conv2d(x, base.weight, self.lora_A[str(stage)].weight, self.lora_B[str(stage)].weight,
+                                     self.scaling, base.bias, padding=_pair(base.kernel_size)[0] // 2, relu=relu,
+                                     residual=residual, out_scale=out_scale, input_precision=self.input_precision)
+        if backend == "merged":
+            y = merged_conv(self, x, stage)
+        else:
+            y = LoRAConv2d.forward(self, x, stage)
+        if relu:
+            y = F.relu(y)
+        if out_scale != 1.0:
+            y = y * out_scale
+        return y if residual is None else y + residual
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}, input_precision={self.input_precision!r}"

@@ -1,0 +1,217 @@
+"""FusedLoRunConv against the reference LoRA convolution, on every backend; the fast LoRun model conversion."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorun_fast import FusedLoRunConv, ModelConfig, build_dun, to_fast, to_reference
+from lorun_fast.reference import BlockCS, LoRAConv2d
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# max |fast − reference| / max |reference|, per backend and dtype. The reference runs in float64.
+TOL = {
+    ("reference", torch.float64): 1e-15,
+    ("merged", torch.float64): 1e-12,
+    ("triton", torch.float32): 2e-5,  # ieee dots in the interpreter; tf32 on a GPU is judged in the GPU tests
+}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _randomise_adapters(layer, generator):
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.3)
+
+
+def _pair(cin, cout, k, rank, num_stages, seed, bias=False, backend="merged"):
+    """A reference layer in float64 and its fast sibling with the same parameters."""
+    generator = torch.Generator().manual_seed(seed)
+    base = nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias).double()
+    reference = LoRAConv2d(base, num_stages, rank=rank)
+    _randomise_adapters(reference, generator)
+    fast = FusedLoRunConv.from_lora(reference, backend=backend, input_precision="ieee")
+    return reference, fast, generator
+
+
+CASES = [  # (cin, cout, k, rank, batch, H, W)
+    (1, 16, 3, 1, 1, 17, 23),
+    (3, 24, 3, 4, 2, 17, 23),
+    (16, 16, 3, 16, 3, 9, 11),
+    (24, 32, 1, 3, 2, 17, 23),
+    (32, 3, 3, 8, 1, 8, 8),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "merged", "triton"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_forward_and_gradients_match_reference(backend, case):
+    cin, cout, k, rank, batch, h, w = case
+    num_stages = 3
+    reference, fast, generator = _pair(cin, cout, k, rank, num_stages, seed=sum(case), backend=backend)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    tol = TOL[(backend, dtype)]
+    fast = fast.to(dtype)
+    for stage in range(num_stages):
+        x = torch.randn(batch, cin, h, w, generator=generator, dtype=torch.float64)
+        grad = torch.randn(batch, cout, h, w, generator=generator, dtype=torch.float64)
+        x_ref = x.clone().requires_grad_()
+        y_ref = reference(x_ref, stage)
+        y_ref.backward(grad)
+        x_fast = x.to(dtype).requires_grad_()
+        y_fast = fast(x_fast, stage)
+        y_fast.backward(grad.to(dtype))
+        assert fast.resolve_backend(x_fast) == backend
+        assert _rel(y_fast, y_ref) < tol, f"forward, stage {stage}"
+        assert _rel(x_fast.grad, x_ref.grad) < tol, f"dx, stage {stage}"
+        for name in (f"lora_A.{stage}.weight", f"lora_B.{stage}.weight", "base_layer.weight"):
+            g_fast = fast.get_parameter(name).grad
+            g_ref = reference.get_parameter(name).grad
+            assert _rel(g_fast, g_ref) < tol, f"d{name}, stage {stage}"
+        for other in set(range(num_stages)) - {stage}:  # other stages' adapters get no gradient
+            assert fast.get_parameter(f"lora_B.{other}.weight").grad is None
+        reference.zero_grad(set_to_none=True)
+        fast.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("backend", ["merged", "triton"])
+def test_fused_epilogue_matches_unfused(backend):
+    reference, fast, generator = _pair(8, 8, 3, 2, 2, seed=5, bias=True, backend=backend)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    fast = fast.to(dtype)
+    x = torch.randn(2, 8, 10, 13, generator=generator, dtype=torch.float64)
+    residual = torch.randn(2, 8, 10, 13, generator=generator, dtype=torch.float64)
+    expected = 0.5 * F.relu(reference(x, 1)) + residual
+    got = fast(x.to(dtype), 1, relu=True, residual=residual.to(dtype), out_scale=0.5)
+    assert _rel(got, expected) < TOL[(backend, dtype)]
+
+
+def test_triton_outputs_are_fully_written(monkeypatch):
+    from lorun_fast.kernels import lora_conv
+
+    monkeypatch.setattr(lora_conv, "POISON_OUTPUTS", True)
+    _, fast, generator = _pair(5, 7, 3, 2, 2, seed=9, backend="triton")
+    x = torch.randn(3, 5, 13, 7, generator=generator).requires_grad_()
+    y = fast.float()(x, 1)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert torch.isfinite(fast.lora_A["1"].weight.grad).all()
+
+
+def test_merged_backend_gradcheck():
+    _, fast, generator = _pair(3, 4, 3, 2, 2, seed=3, bias=True)
+    x = torch.randn(1, 3, 5, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    a = fast.lora_A["1"].weight.detach().clone().requires_grad_()
+    b = fast.lora_B["1"].weight.detach().clone().requires_grad_()
+    bias = fast.bias.detach().clone().requires_grad_()
+
+    def stage_one(x, a, b, bias):
+        params = {"lora_A.1.weight": a, "lora_B.1.weight": b, "base_layer.bias": bias}
+        return torch.func.functional_call(fast, params, (x, 1))
+
+    assert torch.autograd.gradcheck(stage_one, (x, a, b, bias))
+
+
+@pytest.mark.parametrize("backend", ["merged", "triton"])
+def test_torch_compile_fullgraph(backend):
+    _, fast, generator = _pair(4, 6, 3, 2, 2, seed=11, backend=backend)
+    fast = fast.float()
+    x = torch.randn(2, 4, 9, 10, generator=generator).requires_grad_()
+    expected = fast(x, 1)
+    expected.sum().backward()
+    grad_expected = x.grad.clone()
+    x.grad = None
+    compiled = torch.compile(lambda t: fast(t, 1), fullgraph=True, backend="aot_eager")
+    got = compiled(x)
+    got.sum().backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(x.grad, grad_expected)
+
+
+def test_drop_in_for_conv2d():
+    layer = FusedLoRunConv(3, 16, 3, 1, 1, num_stages=4)
+    assert layer.weight.shape == (16, 3, 3, 3) and layer.bias is None and layer.rank == 1
+    assert layer.kernel_size == (3, 3) and layer.stride == (1, 1) and layer.padding == (1, 1)
+    x = torch.randn(2, 3, 17, 23)
+    torch.testing.assert_close(layer(x), F.conv2d(x, layer.weight, padding=1))  # B = 0: exactly the base
+    names = {n for n, _ in layer.named_parameters()}
+    assert {"base_layer.weight", "lora_A.3.weight", "lora_B.0.weight"} <= names
+    conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    wrapped = FusedLoRunConv.from_conv(conv, num_stages=2, gamma=50)
+    assert wrapped.base_layer is conv and wrapped.rank == 4
+    strided = FusedLoRunConv(8, 16, 2, stride=2, num_stages=2)
+    assert not strided.triton_supported and strided.resolve_backend(torch.randn(1, 8, 4, 4)) == "merged"
+    up = FusedLoRunConv.from_conv(nn.ConvTranspose2d(16, 8, 2, stride=2, bias=False), num_stages=2)
+    assert up(torch.randn(1, 16, 4, 4), 1).shape == (1, 8, 8, 8)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"dilation": 2}, ValueError, "dilation"),
+    ({"groups": 2}, ValueError, "groups"),
+    ({"padding_mode": "reflect"}, ValueError, "padding_mode"),
+    ({"backend": "cuda"}, ValueError, "backend"),
+    ({"input_precision": "fp8"}, ValueError, "input_precision"),
+    ({"rank": 0}, ValueError, "rank"),
+    ({"kernel_size": 5, "padding": 2, "backend": "triton"}, ValueError, "backend"),
+    ({"stride": 2, "backend": "triton"}, ValueError, "backend"),
+])
+def test_unsupported_arguments_raise_at_construction(kwargs, error, message):
+    args = {"in_channels": 4, "out_channels": 4, "kernel_size": 3, "padding": 1, "num_stages": 2, **kwargs}
+    with pytest.raises(error, match=message):
+        FusedLoRunConv(**args)
+
+
+@pytest.mark.parametrize("backend", ["merged", "triton"])
+def test_bad_inputs(backend):
+    layer = FusedLoRunConv(4, 4, 3, padding=1, num_stages=3, backend=backend)
+    x = torch.randn(1, 4, 6, 6)
+    with pytest.raises(IndexError, match="stage"):
+        layer(x, 3)
+    with pytest.raises(IndexError, match="stage"):
+        layer(x, -1)
+    with pytest.raises(TypeError, match="stage"):
+        layer(x, 1.0)
+    with pytest.raises(ValueError, match="x: expected \\(N, 4, H, W\\)"):
+        layer(torch.randn(1, 5, 6, 6), 0)
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(1, 4, 6, 6, dtype=torch.int64), 0)
+    with pytest.raises(ValueError, match="meta"):
+        layer(torch.randn(1, 4, 6, 6, device="meta"), 0)
+    with pytest.raises(TypeError, match="dtype"):
+        layer(x.double(), 0)
+
+
+def _lorun_dun(seed=0):
+    operator = BlockCS.gaussian(0.25, seed=seed)
+    model = build_dun(operator, ModelConfig(num_stages=3, backbone_kwargs={"channels": 4, "num_blocks": 1}))
+    _randomise_adapters(model, torch.Generator().manual_seed(seed))
+    return model, operator
+
+
+def test_fast_model_conversion_round_trip():
+    model, operator = _lorun_dun()
+    model = model.double()
+    y = operator.A(torch.rand(2, 1, 40, 50, dtype=torch.float64))
+    expected = model(y, (40, 50))
+    fast = to_fast(model, backend="reference")
+    assert torch.equal(fast(y, (40, 50)), expected)
+    assert set(fast.state_dict()) == set(model.state_dict())
+    assert torch.equal(to_reference(to_fast(model, backend="merged"))(y, (40, 50)), expected)
+    assert _rel(to_fast(model, backend="merged")(y, (40, 50)), expected) < 1e-12
+    layers = [m for m in fast.modules() if isinstance(m, FusedLoRunConv)]
+    assert layers and len(layers) == len(fast._lora)
+
+
+def test_fast_model_on_triton_matches_reference():
+    model, operator = _lorun_dun(seed=1)
+    y = operator.A(torch.rand(1, 1, 33, 33))
+    expected = model.double()(y.double(), (33, 33))
+    fast = to_fast(model, backend="auto", input_precision="ieee").float()
+    for layer in fast.modules():  # the 3×3 layers on the kernel; the 2×2 down/up layers stay merged
+        if isinstance(layer, FusedLoRunConv) and layer.triton_supported:
+            layer.backend = "triton"
+    assert _rel(fast(y, (33, 33)), expected) < 1e-4
