@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .lora_conv import LoRAConv2d, check_stage
 from .operators import Operator
@@ -114,6 +115,8 @@ class DUN(nn.Module):
             if freeze_base:
                 self.freeze_base()
         self.collect_adapters()
+        # Per-stage activation checkpointing: keep only each stage's input for backward, recompute the rest.
+        self.checkpoint_stages = False
         step = operator.default_step() if step_init is None else float(step_init)
         self.rho = nn.Parameter(torch.full((num_stages,), step))
 
@@ -160,7 +163,10 @@ class DUN(nn.Module):
         x = self.operator.init(y, size)
         outputs = []
         for k in range(self.num_stages):
-            x = self.stage(x, y, k)
+            if self.checkpoint_stages and torch.is_grad_enabled():
+                x = checkpoint(self.stage, x, y, k, use_reentrant=False)
+            else:
+                x = self.stage(x, y, k)
             outputs.append(x)
         return outputs if return_all else x
 

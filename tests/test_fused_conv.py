@@ -215,3 +215,21 @@ def test_fast_model_on_triton_matches_reference():
         if isinstance(layer, FusedLoRunConv) and layer.triton_supported:
             layer.backend = "triton"
     assert _rel(fast(y, (33, 33)), expected) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-3)])
+def test_fast_lorun_model_on_cuda(dtype, atol):
+    """The fast model on the GPU (Triton for 3×3 layers, cuDNN for the rest), judged against the float64 reference
+    relative to the reference model's own error in the same dtype on the same GPU."""
+    model, operator = _lorun_dun(seed=2)
+    x = torch.rand(2, 1, 99, 70, generator=torch.Generator().manual_seed(0))
+    y = operator.A(x)
+    truth = model.double()(y.double(), (99, 70))
+    torch_run = model.to("cuda", dtype)(y.to("cuda", dtype), (99, 70))
+    fast = to_fast(model, backend="auto", input_precision="tf32").to("cuda", dtype)
+    assert any(m.resolve_backend(y.to("cuda", dtype)) == "triton" for m in fast.modules()
+               if isinstance(m, FusedLoRunConv) and m.triton_supported)
+    fast_run = fast(y.to("cuda", dtype), (99, 70))
+    assert torch.isfinite(fast_run).all()
+    assert _rel(fast_run.cpu(), truth) <= 2 * _rel(torch_run.cpu(), truth) + atol

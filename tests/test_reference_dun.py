@@ -489,3 +489,23 @@ def test_denoiser_stage_out_of_range(strategy):
     with pytest.raises(TypeError, match="stage"):
         model.denoiser(1.0)
     assert model.denoiser(K - 1) is model.denoisers[-1]
+
+
+@pytest.mark.parametrize("strategy", ["block", "lorun"])
+def test_stage_checkpointing_gives_the_same_gradients(strategy):
+    operator = BlockCS.gaussian(0.25, seed=3)
+    model = DUN(operator, ResUNet(1, channels=4, num_blocks=1), 3, strategy).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    y = operator.A(torch.rand(1, 1, 33, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    grads = []
+    for flag in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.checkpoint_stages = flag
+        model(y, (33, 40)).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-12, atol=1e-14)
