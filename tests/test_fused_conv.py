@@ -9,6 +9,9 @@ from lorun_fast.reference import BlockCS, LoRAConv2d
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+# The Triton backend runs compiled on a GPU and in the interpreter (float32 CPU tensors) elsewhere.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 # max |fast − reference| / max |reference|, per backend and dtype. The reference runs in float64.
 TOL = {
     ("reference", torch.float64): 1e-15,
@@ -54,22 +57,23 @@ def test_forward_and_gradients_match_reference(backend, case):
     num_stages = 3
     reference, fast, generator = _pair(cin, cout, k, rank, num_stages, seed=sum(case), backend=backend)
     dtype = torch.float32 if backend == "triton" else torch.float64
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
     tol = TOL[(backend, dtype)]
-    fast = fast.to(dtype)
+    fast = fast.to(device, dtype)
     for stage in range(num_stages):
         x = torch.randn(batch, cin, h, w, generator=generator, dtype=torch.float64)
         grad = torch.randn(batch, cout, h, w, generator=generator, dtype=torch.float64)
         x_ref = x.clone().requires_grad_()
         y_ref = reference(x_ref, stage)
         y_ref.backward(grad)
-        x_fast = x.to(dtype).requires_grad_()
+        x_fast = x.to(device, dtype).requires_grad_()
         y_fast = fast(x_fast, stage)
-        y_fast.backward(grad.to(dtype))
+        y_fast.backward(grad.to(device, dtype))
         assert fast.resolve_backend(x_fast) == backend
-        assert _rel(y_fast, y_ref) < tol, f"forward, stage {stage}"
-        assert _rel(x_fast.grad, x_ref.grad) < tol, f"dx, stage {stage}"
+        assert _rel(y_fast.cpu(), y_ref) < tol, f"forward, stage {stage}"
+        assert _rel(x_fast.grad.cpu(), x_ref.grad) < tol, f"dx, stage {stage}"
         for name in (f"lora_A.{stage}.weight", f"lora_B.{stage}.weight", "base_layer.weight"):
-            g_fast = fast.get_parameter(name).grad
+            g_fast = fast.get_parameter(name).grad.cpu()
             g_ref = reference.get_parameter(name).grad
             assert _rel(g_fast, g_ref) < tol, f"d{name}, stage {stage}"
         for other in set(range(num_stages)) - {stage}:  # other stages' adapters get no gradient
@@ -82,12 +86,13 @@ def test_forward_and_gradients_match_reference(backend, case):
 def test_fused_epilogue_matches_unfused(backend):
     reference, fast, generator = _pair(8, 8, 3, 2, 2, seed=5, bias=True, backend=backend)
     dtype = torch.float32 if backend == "triton" else torch.float64
-    fast = fast.to(dtype)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    fast = fast.to(device, dtype)
     x = torch.randn(2, 8, 10, 13, generator=generator, dtype=torch.float64)
     residual = torch.randn(2, 8, 10, 13, generator=generator, dtype=torch.float64)
     expected = 0.5 * F.relu(reference(x, 1)) + residual
-    got = fast(x.to(dtype), 1, relu=True, residual=residual.to(dtype), out_scale=0.5)
-    assert _rel(got, expected) < TOL[(backend, dtype)]
+    got = fast(x.to(device, dtype), 1, relu=True, residual=residual.to(device, dtype), out_scale=0.5)
+    assert _rel(got.cpu(), expected) < TOL[(backend, dtype)]
 
 
 def test_triton_outputs_are_fully_written(monkeypatch):
@@ -95,8 +100,8 @@ def test_triton_outputs_are_fully_written(monkeypatch):
 
     monkeypatch.setattr(lora_conv, "POISON_OUTPUTS", True)
     _, fast, generator = _pair(5, 7, 3, 2, 2, seed=9, backend="triton")
-    x = torch.randn(3, 5, 13, 7, generator=generator).requires_grad_()
-    y = fast.float()(x, 1)
+    x = torch.randn(3, 5, 13, 7, generator=generator).to(TRITON_DEVICE).requires_grad_()
+    y = fast.to(TRITON_DEVICE, torch.float32)(x, 1)
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
     assert torch.isfinite(fast.lora_A["1"].weight.grad).all()
@@ -119,8 +124,9 @@ def test_merged_backend_gradcheck():
 @pytest.mark.parametrize("backend", ["merged", "triton"])
 def test_torch_compile_fullgraph(backend):
     _, fast, generator = _pair(4, 6, 3, 2, 2, seed=11, backend=backend)
-    fast = fast.float()
-    x = torch.randn(2, 4, 9, 10, generator=generator).requires_grad_()
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    fast = fast.to(device, torch.float32)
+    x = torch.randn(2, 4, 9, 10, generator=generator).to(device).requires_grad_()
     expected = fast(x, 1)
     expected.sum().backward()
     grad_expected = x.grad.clone()
@@ -210,11 +216,12 @@ def test_fast_model_on_triton_matches_reference():
     model, operator = _lorun_dun(seed=1)
     y = operator.A(torch.rand(1, 1, 33, 33))
     expected = model.double()(y.double(), (33, 33))
-    fast = to_fast(model, backend="auto", input_precision="ieee").float()
+    fast = to_fast(model, backend="auto", input_precision="ieee").to(TRITON_DEVICE, torch.float32)
+    y = y.to(TRITON_DEVICE)
     for layer in fast.modules():  # the 3×3 layers on the kernel; the 2×2 down/up layers stay merged
         if isinstance(layer, FusedLoRunConv) and layer.triton_supported:
             layer.backend = "triton"
-    assert _rel(fast(y, (33, 33)), expected) < 1e-4
+    assert _rel(fast(y, (33, 33)).cpu(), expected) < 1e-4
 
 
 @pytest.mark.gpu
