@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -25,6 +22,8 @@ import torch
 from lorun_fast.io import atomic_write_text, data_root
 from lorun_fast.models import ModelConfig, build_dun
 from lorun_fast.reference import CASSI, BlockCS, SuperResolution, gaussian_kernel
+
+from harness import machine_info, saved_activation_bytes  # bench/harness.py (bench/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 PROVIDERS = ("block", "shared", "lorun-reference")
@@ -72,20 +71,6 @@ def build(provider: str, operator, in_channels: int, stages: int, size: Size):
     return build_dun(operator, config)
 
 
-def saved_activation_bytes(model, y, image_size) -> int:
-    """Bytes autograd keeps for backward during one forward (each storage counted once)."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(y, image_size)
-    return sum(seen.values())
-
-
 def time_it(fn, repeats: int) -> list[float]:
     fn()  # warm-up
     times = []
@@ -99,28 +84,6 @@ def time_it(fn, repeats: int) -> list[float]:
 def percentiles(times: list[float]) -> dict:
     q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
     return {"p50_ms": 1e3 * statistics.median(times), "p20_ms": 1e3 * q[1], "p80_ms": 1e3 * q[7]}
-
-
-def machine_info(device: torch.device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": commit or "unknown",
-            "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-        info["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
-        info["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
-    return info
 
 
 def measure(provider: str, model, operator, size: Size, in_channels: int, repeats: int, device) -> dict:

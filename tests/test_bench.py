@@ -1,0 +1,272 @@
+"""CPU tests of the benchmark helpers (bench/harness.py) and the single-layer benchmark (bench/conv_layer.py).
+
+Speed is never asserted here (DESIGN §7): only that the measurements are well-formed, that every provider runs,
+that the numerics gate works and that the scripts still run.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))  # bench/ is not a package: its scripts `import harness`
+
+import conv_layer  # noqa: E402
+import harness  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+CPU = torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# harness
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_quantiles_interpolate_like_numpy():
+    assert harness.quantiles([4.0, 1.0, 3.0, 2.0, 5.0], (0.5, 0.2, 0.8)) == pytest.approx([3.0, 1.8, 4.2])
+    assert harness.quantiles([7.0], (0.5, 0.2, 0.8)) == [7.0, 7.0, 7.0]
+    with pytest.raises(ValueError):
+        harness.quantiles([], (0.5,))
+
+
+def test_time_fn_cpu_returns_ordered_percentiles():
+    x = torch.randn(64, 64)
+    out = harness.time_fn(lambda: x @ x, CPU, warmup_ms=1, rep_ms=5, min_reps=7)
+    assert set(out) == {"p50_ms", "p20_ms", "p80_ms", "n"}
+    assert out["n"] >= 7
+    assert 0 < out["p20_ms"] <= out["p50_ms"] <= out["p80_ms"]
+    assert all(math.isfinite(out[k]) for k in ("p20_ms", "p50_ms", "p80_ms"))
+
+
+def test_interleaved_runs_every_provider_alternately():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    out = harness.interleaved(fns, rounds=3, device=CPU, warmup_ms=0, rep_ms=0, min_reps=2)
+    assert set(out) == {"a", "b", "c"}
+    for name, res in out.items():
+        assert len(res["rounds_p50_ms"]) == 3
+        assert res["n"] == 3 * 2
+        assert res["p20_ms"] <= res["p50_ms"] <= res["p80_ms"]
+        assert res["round_spread"] >= 0
+    # Round-robin: every provider ran in every round, so no provider's calls form one block.
+    for name in fns:
+        idx = [i for i, c in enumerate(calls) if c == name]
+        assert idx[-1] - idx[0] > len(idx), f"{name} was not interleaved: {calls}"
+    with pytest.raises(ValueError):
+        harness.interleaved(fns, rounds=0, device=CPU)
+
+
+def test_saved_activation_bytes_counts_each_storage_once():
+    x = torch.randn(1000, requires_grad=True)
+
+    def f():
+        y = x * x          # saves x twice (both operands): one storage
+        return (y.sin()).sum()  # saves y
+    assert harness.saved_activation_bytes(f) == 2 * 1000 * 4
+    with torch.no_grad():
+        assert harness.saved_activation_bytes(f) == 0
+
+
+def test_peak_memory_cpu_is_saved_bytes_or_none():
+    x = torch.randn(256, requires_grad=True)
+    mem = harness.peak_memory(lambda: (x.exp() * 2).sum().backward(), CPU)
+    assert mem["measure"] == "cpu-saved-for-backward"
+    assert mem["bytes"] == 256 * 4  # exp saves its output
+    assert mem["device_used_bytes"] is None
+
+    def no_grad():
+        with torch.no_grad():
+            x.exp()
+    assert harness.peak_memory(no_grad, CPU)["bytes"] is None
+
+
+def test_datasheet_lookup_by_gpu_name():
+    h100 = harness.gpu_spec("NVIDIA H100 80GB HBM3")
+    assert (h100["hbm_Bps"], h100["tf32"], h100["bf16"], h100["fp32"]) == (3.35e12, 494e12, 989e12, 67e12)
+    assert harness.gpu_spec("NVIDIA H100 PCIe")["hbm_Bps"] == 2.0e12
+    h200 = harness.gpu_spec("NVIDIA H200")
+    assert (h200["hbm_Bps"], h200["tf32"], h200["bf16"], h200["fp16"]) == (4.8e12, 494e12, 989e12, 989e12)
+    assert harness.gpu_spec("NVIDIA A100-SXM4-80GB")["hbm_Bps"] == pytest.approx(2.04e12, rel=1e-2)
+    assert harness.gpu_spec("NVIDIA A100-SXM4-40GB")["hbm_Bps"] == 1.555e12
+    for unknown in ("NVIDIA GH200 480GB", "NVIDIA H100 NVL", "Tesla T4", "", None):
+        assert harness.gpu_spec(unknown) is None
+    assert harness.peak_flops(CPU, torch.bfloat16) is None
+    assert harness.hbm_bandwidth(CPU) is None
+    assert harness.precision_key(torch.float32) == "tf32"
+    assert harness.precision_key(torch.float32, tf32=False) == "fp32"
+    assert harness.precision_key("bfloat16") == "bf16"
+
+
+def test_cuda_timing_path_with_a_stand_in_do_bench(monkeypatch):
+    """The CUDA branch of time_fn without a GPU: do_bench's 'all' mode, and the quantiles fallback of older triton."""
+    import triton.testing
+
+    seen = []
+
+    def all_mode(fn, warmup, rep, return_mode="mean", quantiles=None):
+        fn()
+        seen.append((warmup, rep, return_mode, quantiles))
+        return [3.0, 1.0, 2.0, 5.0, 4.0]
+    monkeypatch.setattr(triton.testing, "do_bench", all_mode)
+    out = harness.time_fn(lambda: None, torch.device("cuda", 0), warmup_ms=7, rep_ms=11)
+    assert out == {"p50_ms": 3.0, "p20_ms": pytest.approx(1.8), "p80_ms": pytest.approx(4.2), "n": 5}
+    assert seen == [(7, 11, "all", None)]
+
+    def no_all_mode(fn, warmup, rep, return_mode="mean", quantiles=None):
+        assert return_mode in ("min", "max", "mean", "median")
+        return [2.0, 1.0, 3.0] if quantiles == [0.5, 0.2, 0.8] else 2.0
+    monkeypatch.setattr(triton.testing, "do_bench", no_all_mode)
+    out = harness.time_fn(lambda: None, torch.device("cuda", 0))
+    assert out == {"p50_ms": 2.0, "p20_ms": 1.0, "p80_ms": 3.0, "n": None}
+    both = harness.interleaved({"a": lambda: None, "b": lambda: None}, rounds=2, device=torch.device("cuda", 0))
+    assert both["a"]["n"] is None and both["b"]["p50_ms"] == 2.0
+
+
+def test_peak_flops_by_gpu_name(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    gpu = torch.device("cuda", 0)
+    assert harness.peak_flops(gpu, torch.float32) == 494e12
+    assert harness.peak_flops(gpu, torch.float32, tf32=False) == 67e12
+    assert harness.peak_flops(gpu, torch.bfloat16) == 989e12
+    assert harness.peak_flops(gpu, "fp16") == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert harness.peak_flops(gpu, torch.bfloat16) is None
+
+
+def test_tf32_mode_sets_and_restores():
+    before = harness.tf32_settings()
+    with harness.tf32_mode(True):
+        inside = harness.tf32_settings()
+        assert inside["tf32_cudnn"] is True and inside["tf32_matmul"] is True
+    with harness.tf32_mode(False):
+        assert harness.tf32_settings()["tf32_cudnn"] is False
+    after = harness.tf32_settings()
+    # the legacy flags come back; torch's per-backend strings may read 'ieee' where they read 'none' (same meaning)
+    for key in ("tf32_matmul", "tf32_cudnn", "float32_matmul_precision"):
+        assert after[key] == before[key]
+
+
+def test_machine_info_cpu():
+    info = harness.machine_info(CPU)
+    for key in ("date", "git_commit", "python", "torch", "triton", "device", "cpu", "threads"):
+        assert key in info
+    assert info["device"] == "cpu" and info["git_commit"]
+    json.dumps(info)  # JSON-able
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# conv_layer
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_byte_and_flop_counts_match_the_notes():
+    # C=32, 256², batch 16, rank 4 (the NOTES.md shape): activations 16·256²·32 = 33,554,432 elements.
+    act = 16 * 256 * 256 * 32
+    w, a, b = 32 * 32 * 9, 4 * 32 * 9, 32 * 4
+    assert conv_layer.minimal_bytes("fused-triton", "forward", 16, 32, 32, 256, 256, 4, 4) == 4 * (2 * act + w + a + b)
+    assert conv_layer.minimal_bytes("fused-triton", "forward+backward", 16, 32, 32, 256, 256, 4, 2) \
+        == 2 * (5 * act + 2 * w + 3 * a + 3 * b)
+    assert conv_layer.minimal_bytes("conv", "forward+backward", 16, 32, 32, 256, 256, 4, 4) == 4 * (5 * act + 3 * w)
+    conv = 2 * 16 * 256 * 256 * 32 * 32 * 9
+    assert conv == 19_327_352_832
+    assert conv_layer.flop_count("conv", "forward+backward", 16, 32, 32, 256, 256, 4) == 3 * conv
+    assert conv_layer.flop_count("merged-cudnn", "forward", 16, 32, 32, 256, 256, 4) == conv + 2 * w * 4
+    fa, fb = 2 * 16 * 256 * 256 * 4 * 32 * 9, 2 * 16 * 256 * 256 * 32 * 4
+    assert conv_layer.flop_count("peft-unfused", "forward+backward", 16, 32, 32, 256, 256, 4) \
+        == 2 * conv + 3 * (fa + fb)
+
+
+def _quick_rows(**kw):
+    return conv_layer.run(CPU, quick=True, rounds=2, warmup_ms=0, rep_ms=2, **kw)
+
+
+def test_conv_layer_cpu_quick_rows():
+    rows = _quick_rows()
+    assert len(rows) == len(conv_layer.PROVIDERS) * len(conv_layer.PASSES)
+    assert {(r["provider"], r["pass"]) for r in rows} == {(p, q) for p in conv_layer.PROVIDERS
+                                                          for q in conv_layer.PASSES}
+    for r in rows:
+        assert r["layout"] == "channels_last" and r["device"] == "cpu"
+        assert r["rank"] == 2 and r["bytes_min"] > 0 and r["flops"] > 0
+        if r["provider"] == "fused-triton":
+            assert r["status"] == "skipped: needs CUDA"
+            assert r["p50_ms"] is None and r["rel_err"] is None
+            continue
+        assert r["status"] == "ok", r
+        assert 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"] and math.isfinite(r["p80_ms"])
+        assert r["rel_err"] is not None and r["rel_err"] < 1e-5  # fp32 IEEE vs float64
+        assert set(r["rel_errs"]) == ({"y"} if r["pass"] == "forward" else
+                                      {"y", "dx", "dW"} if r["provider"] == "conv" else {"y", "dx", "dA", "dB"})
+        assert r["gbps"] > 0 and r["tflops"] > 0
+        assert r["frac_hbm_measured"] is None and r["floor_ms"] is None  # no ceilings on a CPU
+        if r["pass"] == "forward+backward":
+            assert r["peak_mem_measure"] == "cpu-saved-for-backward" and r["peak_mem_bytes"] > 0
+        assert r["t_over_merged"] is not None and r["t_over_unfused"] is not None
+        if r["provider"] == "conv":
+            assert r["t_over_conv"] == pytest.approx(1.0)
+    table = conv_layer.format_table(rows)
+    assert "skipped: needs CUDA" in table and "peft-unfused" in table
+    json.dumps(rows)
+
+
+def test_conv_layer_wrong_provider_is_not_timed(monkeypatch):
+    real = conv_layer.merged_conv
+    monkeypatch.setattr(conv_layer, "merged_conv", lambda layer, x, stage: real(layer, x, stage) * 1.01)
+    rows = _quick_rows(providers=["conv", "merged-cudnn"])
+    bad = [r for r in rows if r["provider"] == "merged-cudnn"]
+    assert all(r["status"].startswith("failed numerics") and r["p50_ms"] is None for r in bad)
+    assert all(r["rel_err"] > 1e-3 for r in bad)
+    assert all(r["status"] == "ok" for r in rows if r["provider"] == "conv")
+
+
+def test_conv_layer_shape_failure_becomes_error_rows(monkeypatch):
+    measured = _quick_rows(providers=["conv"])[0]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (stand-in)")
+    monkeypatch.setattr(conv_layer, "make_problem", broken)
+    rows = _quick_rows()
+    assert len(rows) == len(conv_layer.PROVIDERS) * len(conv_layer.PASSES)
+    assert all(r["status"] == "error: RuntimeError: CUDA out of memory (stand-in)" for r in rows)
+    assert set(rows[0]) == set(measured)  # same columns as a measured row
+    conv_layer.format_table(rows)
+
+
+def test_conv_layer_fused_provider_through_the_interpreter(monkeypatch):
+    """The fused-triton wiring (argument order, grads of A and B, numerics gate) on a tiny shape, interpreted."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("exercises the CPU interpreter path only")
+    monkeypatch.setattr(conv_layer, "CUDA_ONLY", ())
+    rows = conv_layer.run(CPU, quick=True, hw=[8], rounds=1, warmup_ms=0, rep_ms=0,
+                          providers=["merged-cudnn", "fused-triton"])
+    fused = [r for r in rows if r["provider"] == "fused-triton"]
+    assert len(fused) == 2
+    for r in fused:
+        assert r["status"] == "ok", r
+        assert r["rel_err"] < 1e-5 and r["p50_ms"] > 0
+
+
+def test_conv_layer_main_writes_report(tmp_path, capsys):
+    assert conv_layer.main(["--quick", "--device", "cpu", "--rounds", "1", "--rep-ms", "1",
+                            "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped: needs CUDA" in printed and "merged-cudnn" in printed
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["rows"] and report["machine"]["device"] == "cpu"
+    assert (tmp_path / "report.md").read_text().startswith("# lorun_fast")
+
+
+def test_run_py_still_runs(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # a loaded 2-core machine: keep OpenMP from spinning
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--stages", "2", "--repeats", "1",
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "results.json").read_text())
+    assert report["machine"]["git_commit"] and report["stages"] == 2
