@@ -1,17 +1,35 @@
 """The benchmark report: LoRun against full-parameter DUNs, side by side in one run.
 
-    python bench/run.py --stages 9            # CS 25%, ResUNet backbone; reduced sizes on a CPU
-    python bench/run.py --task cassi --out DIR
+    python bench/run.py --stages 9                       # CS 25%, ResUNet; reduced sizes on a CPU (< 3 min)
+    python bench/run.py --task cassi --compile --checkpointing --out DIR
 
-Every provider builds the same DUN shape with one parameter strategy; rows are measured interleaved.
-On a CPU the sizes are reduced (and the report says so); timings use the host clock, memory is the bytes that
-autograd saves for backward plus parameters, gradients and Adam state, counted exactly.
+Providers (one DUN shape, one strategy or implementation each; all timed interleaved):
+
+- ``block``: K independent denoisers, eager (the full-parameter Block-K baseline);
+- ``shared``: one weight-tied denoiser, eager;
+- ``lorun-reference``: shared frozen base + per-stage adapters, peft-style unfused LoRA, eager;
+- ``lorun-merged``: the same weights through ``FusedLoRunConv(backend="merged")``: merge with torch, then cuDNN;
+- ``lorun-fused``: the same weights through ``FusedLoRunConv(backend="auto")``: the fused Triton convolution
+  for 3×3 layers (ReLU and skip fused into residual blocks), cuDNN for the 2×2 down/up layers; fast GD steps when
+  available. CUDA only.
+
+With ``--compile`` each provider also runs under ``torch.compile`` (``<name>+compile``); with ``--checkpointing``
+training rows are also measured with per-stage activation checkpointing (``<name>+ckpt``).
+
+Sections of the report: model rows (parameters; inference and training-step latency, throughput and peak memory
+with a breakdown), a stage sweep 1..N (parameters and training memory of ``block`` vs ``lorun``), and the kernel
+rows of the single-layer benchmarks (``bench/conv_layer.py``, ``bench/gd_step.py``). ``results.json`` follows
+the schema in ``bench/report.py``; ``report.md`` and PNG plots sit beside it.
+
+On a CPU the sizes are reduced (and the report says so), timings use the host clock, and memory is counted
+exactly from what autograd saves plus parameters, gradients and Adam state; CUDA-only providers are listed as
+skipped with the reason.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import contextlib
+import copy
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -19,80 +37,95 @@ from pathlib import Path
 
 import torch
 
-from lorun_fast.io import atomic_write_text, data_root
-from lorun_fast.models import ModelConfig, build_dun
-from lorun_fast.reference import CASSI, BlockCS, SuperResolution, gaussian_kernel
-
-from harness import machine_info, saved_activation_bytes  # bench/harness.py (bench/ is on sys.path)
+import harness
+import report
+from lorun_fast.io import data_root
+from lorun_fast.models import ModelConfig, build_dun, to_fast
+from lorun_fast.reference import CASSI, DUN, BlockCS, SuperResolution, gaussian_kernel
 
 REPO = Path(__file__).resolve().parents[1]
-PROVIDERS = ("block", "shared", "lorun-reference")
-GPU_ONLY = ("lorun-merged", "lorun-fused")  # land with the fused-convolution issue
+PROVIDERS = ("block", "shared", "lorun-reference", "lorun-merged", "lorun-fused")
+CUDA_ONLY = ("lorun-fused",)
+TASKS = ("cs", "cassi", "sr")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Size:
-    batch: int
+    """The DUN and input sizes of one run."""
     height: int
     width: int
-    channels: int
-    num_blocks: int
+    channels: int          # ResUNet width c (levels c, 2c, 4c, 8c)
+    num_blocks: int        # residual blocks per level
+    batches: tuple[int, ...]  # latency batch first, throughput batch last
+    rounds: int
+    rep_ms: float
+    min_reps: int
 
 
-FULL = Size(batch=8, height=256, width=256, channels=16, num_blocks=2)
-REDUCED = Size(batch=1, height=66, width=66, channels=8, num_blocks=1)
+FULL = Size(height=256, width=256, channels=16, num_blocks=2, batches=(1, 8), rounds=5, rep_ms=200, min_reps=5)
+REDUCED = Size(height=66, width=66, channels=8, num_blocks=1, batches=(1, 2), rounds=3, rep_ms=30, min_reps=2)
+CASSI_BANDS = 28
 
 
 def make_task(task: str, size: Size):
-    """The operator and input channel count of a task (shared data when present, seeded stand-ins otherwise)."""
+    """The operator and the image channel count (shared data when present, seeded stand-ins otherwise)."""
     root = data_root()
     if task == "cs":
         phi = root / "cs_sampling" / "phi_0_25_1089.mat"
         return (BlockCS.from_mat(phi) if phi.is_file() else BlockCS.gaussian(0.25, seed=0)), 1
     if task == "cassi":
         mask_file = root / "cassi" / "mask.mat"
-        generator = torch.Generator().manual_seed(0)
-        if mask_file.is_file():
+        if mask_file.is_file() and size.height <= 256 and size.width <= 256:
             mask = CASSI.from_mat(mask_file).mask[: size.height, : size.width]
         else:
-            mask = torch.rand(size.height, size.width, generator=generator, dtype=torch.float64)
-        return CASSI(mask, num_bands=28, step=2), 28
+            mask = torch.rand(size.height, size.width, generator=torch.Generator().manual_seed(0),
+                              dtype=torch.float64)
+        return CASSI(mask, num_bands=CASSI_BANDS, step=2), CASSI_BANDS
     if task == "sr":
         return SuperResolution(gaussian_kernel(7, 1.6), scale=2), 1
-    raise ValueError(f"--task: expected cs, cassi or sr, got {task!r}")
+    raise ValueError(f"--task: expected one of {TASKS}, got {task!r}")
 
 
-def build(provider: str, operator, in_channels: int, stages: int, size: Size):
-    strategy = {"block": "block", "shared": "shared", "lorun-reference": "lorun"}[provider]
-    config = ModelConfig(strategy=strategy, num_stages=stages, backbone="resunet",
+def build_models(operator, in_channels: int, stages: int, size: Size, device, dtype) -> dict[str, DUN]:
+    """Every provider's model, with shared weights where the strategies allow: ``block`` starts with K copies of
+    the shared denoiser (so block == shared at start), the three ``lorun-*`` share one set of adapters (random B,
+    so the low-rank path is really computed)."""
+    config = ModelConfig(strategy="shared", num_stages=stages, backbone="resunet",
                          backbone_kwargs={"in_channels": in_channels, "channels": size.channels,
                                           "num_blocks": size.num_blocks})
     torch.manual_seed(0)
-    return build_dun(operator, config)
-
-
-def time_it(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def percentiles(times: list[float]) -> dict:
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
-    return {"p50_ms": 1e3 * statistics.median(times), "p20_ms": 1e3 * q[1], "p80_ms": 1e3 * q[7]}
-
-
-def measure(provider: str, model, operator, size: Size, in_channels: int, repeats: int, device) -> dict:
+    shared = build_dun(operator, config)
+    block = DUN(operator, [copy.deepcopy(shared.denoisers[0]) for _ in range(stages)], stages, "block")
+    block.rho.data.copy_(shared.rho.data)
+    block.config = ModelConfig(**{**config.to_dict(), "strategy": "block"})
+    lorun = DUN.lorun_from(shared)
+    lorun.config = ModelConfig(**{**config.to_dict(), "strategy": "lorun"})
     generator = torch.Generator().manual_seed(1)
-    x = torch.rand(size.batch, in_channels, size.height, size.width, generator=generator).to(device)
-    image_size = (size.height, size.width)
-    y = operator.A(x)
-    model.train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    with torch.no_grad():
+        for name, p in lorun.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    models = {"block": block, "shared": shared, "lorun-reference": lorun,
+              "lorun-merged": to_fast(lorun, backend="merged"), "lorun-fused": to_fast(lorun, backend="auto")}
+    return {name: m.to(device=device, dtype=dtype) for name, m in models.items()}
+
+
+def _inputs(operator, in_channels, batch, size: Size, device, dtype):
+    generator = torch.Generator().manual_seed(2)
+    x = torch.rand(batch, in_channels, size.height, size.width, generator=generator).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        return x, operator.A(x)
+
+
+def model_bytes(model: DUN) -> dict:
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return {"parameters": params, "gradients": grads, "optimizer": 2 * grads}  # Adam: exp_avg + exp_avg_sq
+
+
+def make_step_fns(model, operator, x, y, image_size):
+    """(inference, training step) callables for one model and batch."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def infer():
         with torch.no_grad():
@@ -100,94 +133,183 @@ def measure(provider: str, model, operator, size: Size, in_channels: int, repeat
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.mse_loss(model(y, image_size), x)
-        loss.backward()
+        torch.nn.functional.mse_loss(model(y, image_size), x).backward()
         optimizer.step()
 
-    counts = model.parameter_counts()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    grad_bytes = sum(p.numel() * p.element_size() for p in trainable)
-    activations = saved_activation_bytes(model, y, image_size)
-    return {
-        "provider": provider, "params_total": counts["total"], "params_trainable": counts["trainable"],
-        "params_shared": counts["shared"], "params_per_stage": counts["per_stage"],
-        "memory_train_bytes": {"parameters": param_bytes, "gradients": grad_bytes, "optimizer": 2 * grad_bytes,
-                               "activations": activations,
-                               "total": param_bytes + 3 * grad_bytes + activations},
-        "inference": percentiles(time_it(infer, repeats)),
-        "train_step": percentiles(time_it(train_step, repeats)),
-    }
+    return infer, train_step
 
 
-def format_table(rows: list[dict]) -> str:
-    mib = 1 / 2 ** 20
-    head = (f"{'provider':<18}{'params':>11}{'trainable':>11}{'train mem MiB':>15}{'act MiB':>9}"
-            f"{'infer ms p50 [p20,p80]':>26}{'train ms p50 [p20,p80]':>26}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        mem = r["memory_train_bytes"]
-        inf, tr = r["inference"], r["train_step"]
-        lines.append(f"{r['provider']:<18}{r['params_total']:>11,}{r['params_trainable']:>11,}"
-                     f"{mem['total'] * mib:>15.2f}{mem['activations'] * mib:>9.2f}"
-                     f"{inf['p50_ms']:>10.1f} [{inf['p20_ms']:.1f}, {inf['p80_ms']:.1f}]".ljust(0)
-                     + f"{tr['p50_ms']:>12.1f} [{tr['p20_ms']:.1f}, {tr['p80_ms']:.1f}]")
-    return "\n".join(lines)
+def measure_memory(name, model, fns, x, y, image_size, device) -> dict:
+    """Peak memory of inference and of one training step, with a breakdown. On CUDA the peaks are the caching
+    allocator's (absolute: parameters, gradients and Adam state included) and NVML's device-wide figure; on a CPU
+    the training peak is the sum of the breakdown (exact byte counts) and inference is not measured."""
+    infer, train_step = fns
+    train_step()  # Adam state exists from here on, as in any step after the first
+    breakdown = model_bytes(model)
+    model.train()
+    breakdown["activations"] = harness.saved_activation_bytes(lambda: model(y, image_size))
+    out = {"breakdown": breakdown, "inference_peak": None, "train_peak": None, "device_used": None,
+           "measure": "cpu-exact-sum (parameters + gradients + Adam state + saved activations)"}
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+        out["inference_peak"] = before + harness.peak_memory(infer, device)["bytes"]
+        train = harness.peak_memory(train_step, device)
+        out["train_peak"] = before + train["bytes"]
+        out["device_used"] = train["device_used_bytes"]
+        out["measure"] = "cuda-allocator-peak (absolute, parameters and optimizer state included)"
+    else:
+        out["train_peak"] = sum(breakdown.values())
+    return out
+
+
+def run_models(models, operator, in_channels, size: Size, device, dtype, compile_: bool, checkpointing: bool,
+               status: dict[str, str]) -> list[dict]:
+    rows = []
+    image_size = (size.height, size.width)
+    variants = {}
+    for name, model in models.items():
+        if name in status:
+            continue
+        variants[name] = model
+        if compile_:
+            variants[f"{name}+compile"] = model  # compiled per batch below; same weights
+    for batch in size.batches:
+        x, y = _inputs(operator, in_channels, batch, size, device, dtype)
+        infer_fns, train_fns, memory = {}, {}, {}
+        for name, model in variants.items():
+            target = torch.compile(model) if name.endswith("+compile") else model
+            fns = make_step_fns(target, operator, x, y, image_size)
+            infer_fns[name], train_fns[name] = fns
+            memory[name] = measure_memory(name, model, fns, x, y, image_size, device)
+            if checkpointing and not name.endswith("+compile"):
+                ckpt = copy.deepcopy(model)
+                ckpt.checkpoint_stages = True
+                ckpt_fns = make_step_fns(ckpt, operator, x, y, image_size)
+                train_fns[f"{name}+ckpt"] = ckpt_fns[1]
+                memory[f"{name}+ckpt"] = measure_memory(name, ckpt, ckpt_fns, x, y, image_size, device)
+        timing = {"rounds": size.rounds, "device": device, "rep_ms": size.rep_ms, "min_reps": size.min_reps,
+                  "warmup_ms": 0.0}  # one warm-up call: every step already ran once in measure_memory
+        timing_infer = harness.interleaved(infer_fns, **timing)
+        timing_train = harness.interleaved(train_fns, **timing)
+        for name in train_fns:
+            base = name.split("+")[0]
+            rows.extend(report.model_rows(name, models[base], batch, size, memory[name],
+                                          timing_infer.get(name), timing_train[name]))
+    for name, reason in status.items():
+        rows.append(report.row("model", name, "skipped", None, "", {"batch": None}, status=reason))
+    return rows
+
+
+def stage_sweep(operator, in_channels, stages: int, size: Size, device, dtype) -> list[dict]:
+    """Parameters and training memory vs number of stages for block and lorun (the paper's core claim)."""
+    rows = []
+    batch = size.batches[-1]
+    x, y = _inputs(operator, in_channels, batch, size, device, dtype)
+    for k in range(1, stages + 1):
+        models = build_models(operator, in_channels, k, size, device, dtype)
+        for name in ("block", "lorun-reference") + (("lorun-fused",) if device.type == "cuda" else ()):
+            model = models[name]
+            fns = make_step_fns(model, operator, x, y, (size.height, size.width))
+            memory = measure_memory(name, model, fns, x, y, (size.height, size.width), device)
+            counts = model.parameter_counts()
+            shape = {"stages": k, "batch": batch, "height": size.height, "width": size.width}
+            rows.append(report.row("sweep", name, "params_total", counts["total"], "count", shape))
+            rows.append(report.row("sweep", name, "params_trainable", counts["trainable"], "count", shape))
+            rows.append(report.row("sweep", name, "memory_train_peak", memory["train_peak"], "bytes", shape,
+                                   extra={"measure": memory["measure"], **memory["breakdown"]}))
+        del models
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def kernel_rows(device, reduced: bool) -> tuple[list[dict], list[str]]:
+    """The single-layer benchmarks' rows, converted to report rows; a benchmark that is missing or fails is said."""
+    rows, notes = [], []
+    for module_name, label in (("conv_layer", "lora-conv"), ("gd_step", "gd-step")):
+        try:
+            module = __import__(module_name)
+        except ImportError as err:
+            notes.append(f"kernel benchmark {module_name} not available ({err})")
+            continue
+        try:
+            raw = module.run(device, quick=reduced)
+        except Exception as err:  # noqa: BLE001 - one failing benchmark must not hide the others
+            notes.append(f"kernel benchmark {module_name} failed: {type(err).__name__}: {err}")
+            continue
+        rows.extend(report.kernel_rows(label, raw))
+    return rows, notes
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", type=int, default=9, help="DUN stages K (default 9)")
-    parser.add_argument("--task", choices=("cs", "cassi", "sr"), default="cs")
+    parser.add_argument("--task", default="cs", help="cs (25%%, default), cassi or sr (×2)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="model precision (float32 runs with TF32 allowed on a GPU)")
+    parser.add_argument("--compile", action="store_true", help="also run every provider under torch.compile")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="also measure training with per-stage activation checkpointing")
     parser.add_argument("--full", action="store_true", help="full sizes even on a CPU (slow)")
-    parser.add_argument("--out", default=str(REPO / "bench" / "out"), help="folder for results.json and report.md")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the 1..N stage sweep")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the single-kernel rows")
+    parser.add_argument("--out", default=str(REPO / "bench" / "out"), help="folder for results.json, report.md, plots")
     args = parser.parse_args(argv)
     if args.stages < 1:
         parser.error(f"--stages: expected a positive number of stages, got {args.stages}")
-    if args.repeats is not None and args.repeats < 1:
-        parser.error(f"--repeats: expected ≥ 1, got {args.repeats}")
+    if args.task not in TASKS:
+        parser.error(f"--task: expected one of {', '.join(TASKS)}, got {args.task!r}")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device: expected cpu or cuda, got {args.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error("--device: cuda was asked for but no CUDA device is available")
+        if device.type not in ("cpu", "cuda"):
+            parser.error(f"--device: expected cpu or cuda, got {args.device!r}")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    started = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype)
     reduced = device.type == "cpu" and not args.full
     size = REDUCED if reduced else FULL
-    repeats = args.repeats or (5 if reduced else 30)
     operator, in_channels = make_task(args.task, size)
-    operator = operator.to(device=device, dtype=torch.float32)
-    info = machine_info(device)
+    operator = operator.to(device=device, dtype=dtype)
+    info = harness.machine_info(device)
     notes = []
     if reduced:
-        notes.append(f"CPU run at reduced sizes: batch {size.batch}, {size.height}×{size.width}, ResUNet c="
-                     f"{size.channels} nb={size.num_blocks} (full: batch {FULL.batch}, {FULL.height}×{FULL.width}, "
-                     f"c={FULL.channels} nb={FULL.num_blocks}); host-clock timings.")
-    notes.append(f"Providers not run here: {', '.join(GPU_ONLY)} (need the fused-convolution work and a GPU).")
-    rows = []
-    for provider in PROVIDERS:
-        model = build(provider, operator, in_channels, args.stages, size).to(device)
-        rows.append(measure(provider, model, operator, size, in_channels, repeats, device))
-    block = next(r for r in rows if r["provider"] == "block")
-    for r in rows:
-        r["train_memory_vs_block"] = r["memory_train_bytes"]["total"] / block["memory_train_bytes"]["total"]
-        r["params_vs_block"] = r["params_total"] / block["params_total"]
-    report = {"machine": info, "task": args.task, "stages": args.stages, "size": asdict(size),
-              "reduced": reduced, "notes": notes, "rows": rows}
-    table = format_table(rows)
-    out = Path(args.out)
-    atomic_write_text(out / "results.json", json.dumps(report, indent=2))
-    atomic_write_text(out / "report.md", "\n".join([
-        f"# lorun_fast benchmark — {args.task}, {args.stages} stages", "",
-        f"Machine: {json.dumps(info)}", "", *[f"- {n}" for n in notes], "", "```", table, "```", ""]))
-    print(f"lorun_fast benchmark: task {args.task}, {args.stages} stages, device {device}"
-          f" (torch {info['torch']}, triton {info['triton']})")
-    for n in notes:
-        print(f"note: {n}")
-    print(table)
-    print(f"results written to {out}/results.json and report.md")
+        notes.append(f"CPU run at reduced sizes: {size.height}×{size.width}, ResUNet c={size.channels} "
+                     f"nb={size.num_blocks}, batches {size.batches} (full: {FULL.height}×{FULL.width}, "
+                     f"c={FULL.channels} nb={FULL.num_blocks}, batches {FULL.batches}); host-clock timings; "
+                     "memory = exact byte counts (parameters + gradients + Adam state + saved activations).")
+    status = {name: "skipped: needs CUDA" for name in CUDA_ONLY if device.type != "cuda"}
+    if status:
+        notes.append(f"Not run here: {', '.join(status)} (needs a CUDA GPU for the Triton kernels).")
+    with harness.tf32_mode(True) if device.type == "cuda" else contextlib.nullcontext():
+        models = build_models(operator, in_channels, args.stages, size, device, dtype)
+        rows = run_models(models, operator, in_channels, size, device, dtype, args.compile, args.checkpointing,
+                          status)
+        del models
+        if not args.no_sweep:
+            rows += stage_sweep(operator, in_channels, args.stages, size, device, dtype)
+        if not args.no_kernels:
+            k_rows, k_notes = kernel_rows(device, reduced)
+            rows += k_rows
+            notes += k_notes
+    config = {"task": args.task, "stages": args.stages, "dtype": args.dtype, "device": str(device),
+              "reduced": reduced, "size": asdict(size), "compile": args.compile,
+              "checkpointing": args.checkpointing, "seconds": round(time.perf_counter() - started, 1)}
+    results = report.assemble(info, config, notes, rows)
+    report.validate(results)
+    paths = report.write(results, Path(args.out))
+    print(report.summary(results))
+    print(f"written: {', '.join(str(p) for p in paths)}")
     return 0
 
 

@@ -54,11 +54,18 @@ def _cfg(bm, bn, bk, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
+# LORUN_FAST_TUNE=0 (the GPU test run) keeps two configs, one of them at 8 warps, so tests compile in seconds.
+_TUNE = os.environ.get("LORUN_FAST_TUNE", "1").strip() != "0"
+
 if _INTERPRET:
     # Autotuning in the interpreter would run every config; 16-wide N/K tiles make the small test channel counts
     # (24, 32) span several tiles, so the tail masks are exercised.
     _FWD_CONFIGS = [_cfg(64, 16, 16, 4, 1)]
     _DW_CONFIGS = [triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16}, num_warps=4, num_stages=1)]
+elif not _TUNE:
+    _FWD_CONFIGS = [_cfg(64, 16, 16, 4, 2), _cfg(128, 64, 32, 8, 3)]
+    _DW_CONFIGS = [triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16}, num_warps=4, num_stages=2),
+                   triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64}, num_warps=8, num_stages=3)]
 else:
     # A short list: autotuning compiles and times every entry once per key.
     _FWD_CONFIGS = [

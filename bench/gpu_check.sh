@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One command on a GPU machine: the GPU test subset, then the full benchmark at 9 stages, all written to OUT_DIR,
+# a short summary table printed last. Budget: about 8 minutes (each step has its own time limit).
+#
+#   bash bench/gpu_check.sh OUT_DIR
+#
+# Installs the project without dependencies (the GPU image has torch and triton; nothing is downloaded).
+set -uo pipefail
+out="${1:?usage: bash bench/gpu_check.sh OUT_DIR}"
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+py="${PYTHON:-python3}"
+
+{ date -u; nvidia-smi; "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
+    > "$out/machine.txt" 2>&1
+"$py" -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 \
+    || echo "install failed: see $out/install.log"
+
+# 1. Correctness on the device: every kernel test compiled for the GPU (two tile configs each, one at 8 warps),
+#    the fused layer and model tests, and everything marked gpu.
+LORUN_FAST_TUNE=0 timeout 240 "$py" -m pytest tests/test_kernel_lora_conv.py tests/test_kernel_gd_step.py \
+    tests/test_fused_conv.py tests/test_reference_dun.py -q -rfEs --junitxml="$out/gpu-tests.xml" \
+    > "$out/gpu-tests.log" 2>&1
+tests_rc=$?
+
+# 2. The benchmark report at full size (autotuned kernels), CS 25%, 9 stages; then bf16 kernels are in its rows.
+timeout 300 "$py" bench/run.py --stages 9 --out "$out/run" > "$out/run.log" 2>&1
+run_rc=$?
+
+echo "== gpu_check: $(head -n 1 "$out/machine.txt") =="
+grep -m1 -E "NVIDIA (H|A)[0-9]+" "$out/machine.txt" || true
+echo "GPU tests (rc $tests_rc): $(tail -n 1 "$out/gpu-tests.log")"
+grep -E "^(FAILED|ERROR)" "$out/gpu-tests.log" | head -n 15
+echo "benchmark (rc $run_rc): $out/run/results.json"
+sed -n '/^DUN providers/,/^Stage sweep/p' "$out/run.log" | head -n 30
+grep -E "^lora-conv/|^gd-step/" "$out/run.log" | grep -E "fused|triton" | head -n 16
+exit $(( tests_rc != 0 || run_rc != 0 ))
