@@ -213,15 +213,18 @@ def test_fast_model_conversion_round_trip():
 
 
 def test_fast_model_on_triton_matches_reference():
+    """End to end: fused gradient steps and fused 3×3 convolutions (2×2 down/up layers merged)."""
     model, operator = _lorun_dun(seed=1)
-    y = operator.A(torch.rand(1, 1, 33, 33))
-    expected = model.double()(y.double(), (33, 33))
-    fast = to_fast(model, backend="auto", input_precision="ieee").to(TRITON_DEVICE, torch.float32)
-    y = y.to(TRITON_DEVICE)
-    for layer in fast.modules():  # the 3×3 layers on the kernel; the 2×2 down/up layers stay merged
-        if isinstance(layer, FusedLoRunConv) and layer.triton_supported:
-            layer.backend = "triton"
-    assert _rel(fast(y, (33, 33)).cpu(), expected) < 1e-4
+    y = operator.A(torch.rand(1, 1, 40, 35))
+    expected = model.double()(y.double(), (40, 35))
+    fast = to_fast(model, backend="triton", input_precision="ieee").to(TRITON_DEVICE, torch.float32)
+    assert type(fast.operator).__name__ == "FastBlockCS" and fast.operator.backend == "triton"
+    backends = {m.backend for m in fast.modules() if isinstance(m, FusedLoRunConv)}
+    assert backends == {"triton", "merged"}
+    out = fast(y.to(TRITON_DEVICE), (40, 35))
+    assert _rel(out.cpu(), expected) < 1e-4
+    back = to_reference(fast)
+    assert type(back.operator) is BlockCS and all(type(m) is not FusedLoRunConv for m in back.modules())
 
 
 @pytest.mark.gpu

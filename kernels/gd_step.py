@@ -1,0 +1,1357 @@
+"""Fused gradient-descent steps ``z = x − ρ·Aᵀ(A x − y)`` (the GDM of every DUN stage) in Triton.
+
+Three operators, with the layouts and semantics of ``lorun_fast.reference.operators`` (DESIGN.md §3):
+
+* **Block CS** (``BlockCS``): x (N, C, H, W), any H, W ≥ b (b = 33), implicitly zero-padded at the right and bottom
+  to whole b×b blocks; y (N, C, Hb, Wb, m); Φ (m, n = b²). Blocks are read straight from the image layout (no
+  unfold/fold copies); the n tail (1089 → 1152) and the pixels outside the image are masked (read as 0, never
+  written). The GEMM "M" dimension is a tile of BLOCK_M blocks. Two exact algorithms:
+
+  - ``"two_gemm"``: ``r_b = x_b Φᵀ − y_b`` (K = n) kept on chip, then ``z_b = x_b − ρ·r_b Φ``: 4·n·m FLOPs per
+    block. The m-vector is held as one or two power-of-two register tiles (m = 272 → 256 + 16, no padding waste).
+    Optional ``SPLIT_N``: several programs per block tile each recompute r and write a slice of z (more programs
+    for small batches, at the price of recomputing the first GEMM).
+  - ``"one_gemm"``: ``z_b = x_b − ρ·([x_b, −y_b] @ [G; Φ])`` with the cached Gram matrix ``G = ΦᵀΦ`` (n × n):
+    one GEMM with K = n + m per output tile, 2·n·(n + m) FLOPs per block, fully parallel over (blocks, n).
+
+  ``"auto"`` picks ``two_gemm`` when m < n/2 (fewer FLOPs, and r ≤ 544 floats per block fits in registers),
+  else ``one_gemm``. The padded Φ, Φᵀ and G are cached per Φ (keyed on data_ptr, version, device, dtype).
+
+* **CASSI** (``CASSI``): x (N, Λ, H, W), mask (H, W), y (N, H, W + d(Λ−1)). One launch; each program owns
+  BLOCK_H whole image rows: phase 1 forms the rows' residual ``r[w'] = Σ_λ mask[w'−dλ]·x_λ[w'−dλ] − y[w']`` and
+  stores it (it is also the residual the backward needs); a CTA barrier; phase 2 updates all Λ bands,
+  ``z_λ[w] = x_λ[w] − ρ·mask[w]·r[w + dλ]``, reading r back shifted (the shift is a different lane for every band,
+  so it goes through memory — the rows the same program just wrote, from L1/L2).
+
+* **Super-resolution** (``SuperResolution``): ``A x = correlate(circpad(x), k)[::s, ::s]``, ``Aᵀ`` = zero-fill
+  upsampling, then correlation with the flipped k under circular padding. Two launches, because that is what the
+  data dependency allows: every HR output of ``Aᵀ r`` needs r on a ⌈kh/s⌉×⌈kw/s⌉ LR neighbourhood, and every r
+  value needs x on a kh×kw HR neighbourhood of *other* programs' pixels; one pass would need a grid-wide barrier or
+  recomputing a halo of r per tile. Kernel 1 writes ``r = A x − y`` (1/s² of x, fp32), kernel 2 forms
+  ``z = x − ρ·Aᵀ r`` polyphase: an HR pixel (p, q) only meets the taps a ≡ p + kh//2 (mod s), b ≡ q + kw//2 (mod s),
+  i.e. ⌈kh/s⌉·⌈kw/s⌉ taps instead of kh·kw.
+
+Backward (all three; see the autograd Functions): the step is linear in (x, y) and in ρ. With ``G = ∂L/∂z``:
+``dx = G − ρ AᵀA G`` (the forward kernels applied to G with y = 0), ``dy = ρ·A G`` (the residual the same launch
+writes), ``dρ = −⟨G, Aᵀ(A x − y)⟩ = −⟨A G, A x − y⟩``: the forward saves its fp32 residual r, and the backward
+launch forms per-block / per-row partial sums of ``(A G)·r`` into a buffer that a torch sum reduces (fixed order:
+deterministic, no atomics).
+
+Precision: float32 (dots in "ieee", "tf32" or "tf32x3"), bfloat16 and float16 inputs; all accumulation, the residual
+and the update in float32, z rounded once to the input dtype. Φ, the mask and the blur kernel are first rounded to
+the input dtype, as the reference does (``phi.to(x.dtype)``).
+
+Running without a GPU: set ``TRITON_INTERPRET=1`` before importing this module (see ``lora_conv``); kernels call
+only Triton builtins (``tl.full``, not ``tl.zeros``/``tl.cdiv``), and bfloat16 dots are upcast in the interpreter.
+"""
+import math
+import os
+import weakref
+from collections import OrderedDict
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "gd_step_cs",
+    "gd_step_cassi",
+    "gd_step_sr",
+    "GDStepCSFunction",
+    "GDStepCASSIFunction",
+    "GDStepSRFunction",
+    "cs_forward",
+    "cs_backward",
+    "cassi_forward",
+    "cassi_backward",
+    "sr_forward",
+    "sr_backward",
+    "resolve_cs_algorithm",
+    "clear_cache",
+    "ALGORITHMS",
+    "INPUT_PRECISIONS",
+    "SUPPORTED_DTYPES",
+]
+
+# Read once, like triton itself does when it decorates the kernels below.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+ALGORITHMS = ("auto", "one_gemm", "two_gemm")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Test hook: when true, every buffer the launchers allocate starts as NaN, so a test can prove that the kernels
+# write every element of what they return.
+POISON_OUTPUTS = False
+
+
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        t.fill_(float("nan"))
+    return t
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tuning configurations
+# --------------------------------------------------------------------------------------------------------------------
+
+def _cs2_cfg(bm, bk, bn, split, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "SPLIT_N": split}, num_warps=warps,
+                         num_stages=stages)
+
+
+def _cs1_cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+def _row_cfg(bh, bw, warps):
+    return triton.Config({"BLOCK_H": bh, "BLOCK_W": bw}, num_warps=warps, num_stages=1)
+
+
+if _INTERPRET:
+    # One config each (autotuning in the interpreter would run every config), with large tiles: the interpreter's
+    # cost is per operation, not per element. SPLIT_N = 2 with BLOCK_N = 128 over n = 1152 gives the second split an
+    # overrunning chunk, so the n-range masks are exercised; a batch of > 32 blocks exercises the block-tail masks;
+    # small BLOCK_H / BLOCK_W make the test images span several row tiles and chunks.
+    _CS2_CONFIGS = [_cs2_cfg(32, 128, 128, 2, 4, 1)]
+    _CS1_CONFIGS = [_cs1_cfg(32, 128, 128, 4, 1)]
+    _CASSI_CONFIGS = [_row_cfg(4, 64, 4)]
+    _SR_CONFIGS = [_row_cfg(4, 32, 4)]
+else:
+    # Short lists: autotuning compiles and times every entry once per key. The last entry of the CS lists is the
+    # smallest footprint, kept by the pruners when nothing else fits (very large m with algorithm="two_gemm").
+    # Register budget (ptxas, sm_90, triton 3.9): the second GEMM takes the residual r from registers as its A
+    # operand, and every warp holds its rows × all m columns of it (16 × 272 / 32 lanes = 136 registers), so these
+    # configs run at ~255 registers with 0–600 bytes of (L1-resident) spill for m = 272; 8 warps and ≥ 2 stages
+    # (Φ tiles staged by cp.async, not through registers) spill least. The pruner drops what cannot fit.
+    _CS2_CONFIGS = [
+        _cs2_cfg(16, 32, 32, 1, 8, 3),
+        _cs2_cfg(16, 32, 32, 2, 8, 3),
+        _cs2_cfg(16, 32, 32, 4, 8, 3),
+        _cs2_cfg(16, 32, 64, 2, 4, 3),
+        _cs2_cfg(32, 32, 32, 1, 8, 3),
+        _cs2_cfg(32, 32, 32, 2, 8, 3),
+        _cs2_cfg(64, 32, 32, 1, 8, 2),
+        _cs2_cfg(64, 32, 64, 1, 8, 2),
+        _cs2_cfg(32, 64, 32, 1, 8, 2),
+        _cs2_cfg(16, 16, 16, 1, 4, 1),
+    ]
+    # At most 32 accumulators per thread and BLOCK_K = 32 at BLOCK_M ≥ 32: the block-gather epilogue (x load, z store,
+    # masks) and the gathered x tiles need the rest of the registers (ptxas, sm_90: these spill ≤ 24 bytes).
+    _CS1_CONFIGS = [
+        _cs1_cfg(64, 64, 32, 4, 3),
+        _cs1_cfg(64, 128, 32, 8, 3),
+        _cs1_cfg(128, 64, 32, 8, 3),
+        _cs1_cfg(32, 128, 32, 4, 3),
+        _cs1_cfg(32, 64, 32, 4, 3),
+        _cs1_cfg(16, 128, 64, 4, 3),
+        _cs1_cfg(16, 64, 32, 4, 2),
+    ]
+    _CASSI_CONFIGS = [_row_cfg(bh, bw, w) for bh, bw, w in
+                      ((1, 256, 4), (2, 256, 4), (4, 128, 4), (1, 512, 8), (2, 512, 8), (8, 64, 4))]
+    _SR_CONFIGS = [_row_cfg(bh, bw, w) for bh, bw, w in
+                   ((1, 128, 4), (2, 128, 4), (4, 64, 4), (1, 256, 4), (4, 128, 8), (8, 32, 4))]
+
+
+def _args(named_args, kwargs):
+    # Autotuner pruners get the positional launch arguments as named_args and the keyword ones (our constexprs)
+    # as kwargs.
+    return {**named_args, **kwargs}
+
+
+def _prune_cs2(configs, named_args, **kwargs):
+    a = _args(named_args, kwargs)
+    mp = a["P1"] + (a["P2"] if a["HAS2"] else 0)
+    esize = 2 if a["phi_ptr"].dtype in (torch.bfloat16, torch.float16) else 4
+    kept = []
+    for c in configs:
+        bm, bk, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"]
+        # Shared memory: the pipelined Φᵀ (first GEMM) or Φ (second GEMM) tiles, whichever is larger (the loops do
+        # not overlap), plus the fp32 residual's trip through shared memory into the dot-operand layout. Matches
+        # ptxas on sm_90 within ~5% for BLOCK_M ≤ 32 (it underestimates BLOCK_M = 64); configs that still do not
+        # fit fail with OutOfResources, which the autotuner skips. The last config always fits (m ≤ 1089).
+        smem = esize * max(1, c.num_stages - 1) * max(bk, bn) * mp + 4 * bm * mp
+        if smem <= 224 * 1024:
+            kept.append(c)
+    if not a["WRITE_Z"]:
+        # Without z there is nothing to split.
+        kept = [c for c in kept if c.kwargs["SPLIT_N"] == 1]
+    return kept or configs[-1:]
+
+
+def _prune_cs1(configs, named_args, **kwargs):
+    a = _args(named_args, kwargs)
+    # Tiles much taller than the number of blocks only compute masked rows.
+    bm_max = max(16, triton.next_power_of_2(int(a["NBLK"])))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= bm_max]
+    return kept or configs[-1:]
+
+
+def _prune_rows(width_arg):
+    def prune(configs, named_args, **kwargs):
+        a = _args(named_args, kwargs)
+        wmax = max(64, triton.next_power_of_2(int(a[width_arg])))
+        kept = [c for c in configs if c.kwargs["BLOCK_W"] <= wmax]
+        return kept or configs[:1]
+    return prune
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # The interpreter multiplies bfloat16 operands as their raw uint16 bits; upcasting first is exact (a product of
+    # two bf16 values fits in fp32), so it is the same math as a bf16 MMA with fp32 accumulation.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+
+
+@triton.jit
+def _cs_blocks(pid, NBLK, H, W, HB, WB, BS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The BLOCK_M blocks of program ``pid``: block index, int64 offset of the block's image plane, int32 offset
+    of its top-left pixel inside the plane, and how many of its rows / columns lie inside the image (0 for block
+    indices past NBLK, so that one comparison masks the image border, the n tail and the block tail)."""
+    offs_b = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    b_ok = offs_b < NBLK
+    plane = offs_b // (HB * WB)
+    rem = offs_b % (HB * WB)
+    row0 = (rem // WB) * BS
+    col0 = (rem % WB) * BS
+    plane_off = plane.to(tl.int64) * H * W
+    blk_off = row0 * W + col0
+    rows_in = tl.where(b_ok, tl.minimum(H - row0, BS), 0)
+    cols_in = tl.where(b_ok, tl.minimum(W - col0, BS), 0)
+    return offs_b, b_ok, plane_off, blk_off, rows_in, cols_in
+
+
+@triton.jit
+def _cs_pixels(k, W, BS: tl.constexpr):
+    """Block pixel indices k (row-major within the block) → (row in block, column in block, in-plane offset)."""
+    ki = k // BS
+    kj = k % BS
+    return ki, kj, ki * W + kj
+
+
+@triton.autotune(configs=_CS2_CONFIGS,
+                 key=["NBLK", "M", "P1", "P2", "HAS2", "HAS_Y", "WRITE_Z", "WRITE_R", "PARTIAL", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_cs2})
+@triton.jit
+def _cs_two_gemm_kernel(
+    x_ptr, y_ptr, phi_ptr, phit_ptr, rho_ptr, z_ptr, r_ptr, rs_ptr, part_ptr,
+    NBLK, H, W, HB, WB, M,
+    BS: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr,
+    P1: tl.constexpr, P2: tl.constexpr, HAS2: tl.constexpr,
+    HAS_Y: tl.constexpr, WRITE_Z: tl.constexpr, WRITE_R: tl.constexpr, PARTIAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
+):
+    """Block-CS GD step through Φ twice: ``r = x_b Φᵀ − y_b`` on chip, then ``z_b = x_b − ρ·r Φ``.
+
+    Grid: (⌈NBLK / BLOCK_M⌉, SPLIT_N if WRITE_Z else 1). Program (i, j) owns blocks [i·BLOCK_M, (i+1)·BLOCK_M)
+    (block index = (plane·HB + bh)·WB + bw, plane = n·C + c), computes their whole residual r (BLOCK_M × m, fp32,
+    in registers as a P1-wide and an optional P2-wide tile), and writes z for the j-th of SPLIT_N slices of the
+    n pixels of each block. Only j = 0 writes r and the partial sums.
+
+    Args:
+        x_ptr: image (N·C planes of H × W), contiguous; pixels of a block beyond H or W read as zero.
+        y_ptr: measurements (NBLK, M), contiguous (the (N, C, HB, WB, M) layout). Ignored unless ``HAS_Y``.
+        phi_ptr: Φ zero-padded to (MP, NP), contiguous, in the compute dtype (x's dtype).
+        phit_ptr: Φᵀ zero-padded to (NP, MP), contiguous, same dtype.
+        rho_ptr: the step ρ, one element of any float dtype (read as fp32; a pointer, so no host sync).
+        z_ptr: output image, contiguous like x; only pixels inside the image are written. Ignored unless
+            ``WRITE_Z``.
+        r_ptr: fp32 (NBLK, M) contiguous: the residual ``x_b Φᵀ − y_b``. Written only if ``WRITE_R``.
+        rs_ptr: fp32 (NBLK, M) contiguous: a saved residual. Read only if ``PARTIAL``.
+        part_ptr: fp32 (NBLK,): ``part[b] = Σ_p r[b, p]·rs[b, p]``. Written only if ``PARTIAL``.
+        NBLK: number of blocks N·C·HB·WB; H, W: image size (H·W < 2³¹: in-plane offsets are int32);
+        HB, WB: blocks per column / row; M: measurements per block (rows of Φ).
+        BS: block side (33); the block's pixel k is (k // BS, k % BS), row-major as in the reference.
+        NP: n = BS² rounded up to a multiple of 128 (the padded width of Φ).
+        MP: padded height of Φ, P1 + P2 (or P1).
+        P1, P2, HAS2: the residual is held as columns [0, P1) and, if HAS2, [P1, P1 + P2) (powers of two ≥ 16).
+        HAS_Y: subtract y (false for the backward, which applies the step to G with y = 0).
+        WRITE_Z, WRITE_R, PARTIAL: which outputs to produce.
+        INPUT_PRECISION: tl.dot precision for float32 operands ("ieee", "tf32", "tf32x3").
+        UPCAST: multiply in float32 (interpreter + bfloat16 only, see ``_mma``).
+        BLOCK_M: blocks per program (the GEMM M dimension); BLOCK_K: pixel chunk of the first GEMM;
+        BLOCK_N: pixel chunk of the second GEMM; SPLIT_N: programs sharing one block tile's z.
+    """
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_b, b_ok, plane_off, blk_off, rows_in, cols_in = _cs_blocks(pid, NBLK, H, W, HB, WB, BS, BLOCK_M)
+    # Addresses: an int64 plane base per block (1-D) plus int32 in-plane offsets (2-D); keeping the 2-D part 32-bit
+    # and shared by the x load and the z store is what keeps the tile's address registers affordable.
+    x_blk = x_ptr + plane_off
+    offs_p1 = tl.arange(0, P1)
+    offs_p2 = P1 + tl.arange(0, P2)
+
+    # ---- first GEMM: r = x_b Φᵀ (K = pixels of the block) ----
+    r1 = tl.full((BLOCK_M, P1), 0.0, tl.float32)
+    r2 = tl.full((BLOCK_M, P2), 0.0, tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, NP, BLOCK_K):
+        k = k0 + offs_k
+        ki, kj, k_off = _cs_pixels(k, W, BS)
+        # Rows beyond the block (k ≥ BS², the pad to NP) or the image, columns beyond the image: zero padding.
+        ok = (ki[None, :] < rows_in[:, None]) & (kj[None, :] < cols_in[:, None])
+        xt = tl.load(x_blk[:, None] + (blk_off[:, None] + k_off[None, :]), mask=ok, other=0.0)
+        pt1 = tl.load(phit_ptr + k[:, None] * MP + offs_p1[None, :])
+        r1 = _mma(xt, pt1, r1, INPUT_PRECISION, UPCAST)
+        if HAS2:
+            pt2 = tl.load(phit_ptr + k[:, None] * MP + offs_p2[None, :])
+            r2 = _mma(xt, pt2, r2, INPUT_PRECISION, UPCAST)
+
+    # Per-block rows of y, r and rs: (NBLK, M) contiguous.
+    m_row = offs_b.to(tl.int64) * M
+    if HAS_Y:
+        y1 = tl.load(y_ptr + m_row[:, None] + offs_p1[None, :], mask=b_ok[:, None] & (offs_p1 < M)[None, :],
+                     other=0.0)
+        r1 = r1 - y1.to(tl.float32)
+        if HAS2:
+            y2 = tl.load(y_ptr + m_row[:, None] + offs_p2[None, :], mask=b_ok[:, None] & (offs_p2 < M)[None, :],
+                         other=0.0)
+            r2 = r2 - y2.to(tl.float32)
+
+    # Only the first split writes the per-block outputs (the others computed the same r). A vector, not a scalar:
+    # the interpreter turns `bool tensor & bool scalar` into int32, which it then rejects as a mask.
+    first = (offs_b * 0 + pid_n) == 0
+    ok1 = (b_ok & first)[:, None] & (offs_p1 < M)[None, :]
+    ok2 = (b_ok & first)[:, None] & (offs_p2 < M)[None, :]
+    if WRITE_R:
+        tl.store(r_ptr + m_row[:, None] + offs_p1[None, :], r1, mask=ok1)
+        if HAS2:
+            tl.store(r_ptr + m_row[:, None] + offs_p2[None, :], r2, mask=ok2)
+    if PARTIAL:
+        rs1 = tl.load(rs_ptr + m_row[:, None] + offs_p1[None, :], mask=ok1, other=0.0)
+        dot = tl.sum(r1 * rs1, axis=1)
+        if HAS2:
+            rs2 = tl.load(rs_ptr + m_row[:, None] + offs_p2[None, :], mask=ok2, other=0.0)
+            dot += tl.sum(r2 * rs2, axis=1)
+        tl.store(part_ptr + offs_b, dot, mask=b_ok & first)
+
+    # ---- second GEMM and epilogue: z_b = x_b − ρ·r Φ, over this program's slice of pixels ----
+    if WRITE_Z:
+        rho = tl.load(rho_ptr).to(tl.float32)
+        a1 = r1.to(phi_ptr.dtype.element_ty)
+        a2 = r2.to(phi_ptr.dtype.element_ty)
+        z_blk = z_ptr + plane_off
+        n_chunks = (NP // BLOCK_N + SPLIT_N - 1) // SPLIT_N  # constexpr arithmetic
+        offs_n = tl.arange(0, BLOCK_N)
+        for c in range(0, n_chunks):
+            n = (pid_n * n_chunks + c) * BLOCK_N + offs_n
+            n_ok = n < NP  # the last split may overrun NP
+            ni, nj, n_off = _cs_pixels(n, W, BS)
+            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+            ph1 = tl.load(phi_ptr + offs_p1[:, None] * NP + n[None, :], mask=n_ok[None, :], other=0.0)
+            acc = _mma(a1, ph1, acc, INPUT_PRECISION, UPCAST)
+            if HAS2:
+                ph2 = tl.load(phi_ptr + offs_p2[:, None] * NP + n[None, :], mask=n_ok[None, :], other=0.0)
+                acc = _mma(a2, ph2, acc, INPUT_PRECISION, UPCAST)
+            ok = (ni[None, :] < rows_in[:, None]) & (nj[None, :] < cols_in[:, None])
+            off = blk_off[:, None] + n_off[None, :]
+            xt = tl.load(x_blk[:, None] + off, mask=ok, other=0.0)
+            z = xt.to(tl.float32) - rho * acc
+            tl.store(z_blk[:, None] + off, z.to(z_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.autotune(configs=_CS1_CONFIGS, key=["NBLK", "M", "HAS_Y", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_cs1})
+@triton.jit
+def _cs_one_gemm_kernel(
+    x_ptr, y_ptr, gram_ptr, nphi_ptr, rho_ptr, z_ptr,
+    NBLK, H, W, HB, WB, M,
+    BS: tl.constexpr, NP: tl.constexpr,
+    HAS_Y: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Block-CS GD step with the Gram matrix: ``z_b = x_b − ρ·(x_b G + y_b (−Φ))``, one GEMM with K = n + m.
+
+    Grid: (⌈NBLK / BLOCK_M⌉, NP / BLOCK_N). Program (i, j) computes the BLOCK_M × BLOCK_N tile of z for blocks
+    [i·BLOCK_M, (i+1)·BLOCK_M) and block pixels [j·BLOCK_N, (j+1)·BLOCK_N).
+
+    Args:
+        x_ptr: image (N·C planes of H × W), contiguous; pixels beyond the image read as zero.
+        y_ptr: measurements (NBLK, M), contiguous. Ignored unless ``HAS_Y``.
+        gram_ptr: G = ΦᵀΦ zero-padded to (NP, NP), contiguous, in the compute dtype.
+        nphi_ptr: −Φ zero-padded to (MP ≥ M, NP), contiguous, in the compute dtype (negated once in torch:
+            exact, and the interpreter cannot negate bfloat16 tiles, whose raw bits it operates on).
+        rho_ptr: the step ρ, one element (read as fp32).
+        z_ptr: output image, contiguous like x; only pixels inside the image are written.
+        NBLK, H, W, HB, WB, M: as in ``_cs_two_gemm_kernel``.
+        BS: block side; NP: padded n (a multiple of 128, so of BLOCK_N and BLOCK_K).
+        HAS_Y: include the ``− y_b Φ`` term (false in the backward).
+        INPUT_PRECISION, UPCAST: as in ``_mma``.
+        BLOCK_M, BLOCK_N, BLOCK_K: blocks per tile, output pixels per tile, reduction chunk.
+    """
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_b, b_ok, plane_off, blk_off, rows_in, cols_in = _cs_blocks(pid, NBLK, H, W, HB, WB, BS, BLOCK_M)
+    x_blk = x_ptr + plane_off
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, NP, BLOCK_K):
+        k = k0 + offs_k
+        ki, kj, k_off = _cs_pixels(k, W, BS)
+        ok = (ki[None, :] < rows_in[:, None]) & (kj[None, :] < cols_in[:, None])
+        xt = tl.load(x_blk[:, None] + (blk_off[:, None] + k_off[None, :]), mask=ok, other=0.0)
+        g = tl.load(gram_ptr + k[:, None] * NP + n[None, :])
+        acc = _mma(xt, g, acc, INPUT_PRECISION, UPCAST)
+    if HAS_Y:
+        m_row = offs_b.to(tl.int64) * M
+        for p0 in range(0, M, BLOCK_K):
+            p = p0 + offs_k
+            p_ok = p < M
+            yt = tl.load(y_ptr + m_row[:, None] + p[None, :], mask=b_ok[:, None] & p_ok[None, :], other=0.0)
+            ph = tl.load(nphi_ptr + p[:, None] * NP + n[None, :], mask=p_ok[:, None], other=0.0)
+            acc = _mma(yt, ph, acc, INPUT_PRECISION, UPCAST)
+
+    rho = tl.load(rho_ptr).to(tl.float32)
+    ni, nj, n_off = _cs_pixels(n, W, BS)
+    ok = (ni[None, :] < rows_in[:, None]) & (nj[None, :] < cols_in[:, None])
+    off = blk_off[:, None] + n_off[None, :]
+    xt = tl.load(x_blk[:, None] + off, mask=ok, other=0.0)
+    z = xt.to(tl.float32) - rho * acc
+    tl.store((z_ptr + plane_off)[:, None] + off, z.to(z_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.autotune(configs=_CASSI_CONFIGS, key=["H", "W", "L", "STEP", "HAS_Y", "WRITE_Z", "PARTIAL"],
+                 prune_configs_by={"early_config_prune": _prune_rows("WY")})
+@triton.jit
+def _cassi_kernel(
+    x_ptr, y_ptr, mask_ptr, rho_ptr, z_ptr, r_ptr, rs_ptr, part_ptr,
+    H, W, WY, L, STEP,
+    sx_n, sx_l, sx_h, sx_w,
+    sy_n, sy_h, sy_w,
+    sz_n, sz_l, sz_h, sz_w,
+    HAS_Y: tl.constexpr, WRITE_Z: tl.constexpr, PARTIAL: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """CASSI GD step for BLOCK_H whole image rows per program: residual over the rows, barrier, update of all bands.
+
+    Grid: (N·⌈H / BLOCK_H⌉,); program ``n·⌈H / BLOCK_H⌉ + t`` owns rows h ∈ [t·BLOCK_H, (t+1)·BLOCK_H) of image n.
+    Phase 1, for w' ∈ [0, WY) in BLOCK_W chunks: ``r[h, w'] = Σ_λ mask[h, w'−STEP·λ]·x_λ[h, w'−STEP·λ] − y[h, w']``
+    (terms with w'−STEP·λ outside [0, W) are absent), stored to ``r``. Phase 2 (if WRITE_Z), for w ∈ [0, W):
+    ``z_λ[h, w] = x_λ[h, w] − ρ·mask[h, w]·r[h, w + STEP·λ]`` for every λ, r read back from memory.
+
+    Args:
+        x_ptr: cube (N, L, H, W), strides ``sx_*``.
+        y_ptr: measurement (N, H, WY), strides ``sy_*``. Ignored unless ``HAS_Y``.
+        mask_ptr: mask (H, W), contiguous, in x's dtype.
+        rho_ptr: ρ, one element of any float dtype (read as fp32; a pointer, so no host sync).
+        z_ptr: output cube (N, L, H, W), strides ``sz_*``. Ignored unless ``WRITE_Z``.
+        r_ptr: fp32 (N, H, WY) contiguous: the residual ``A x − y`` (always written: phase 2 reads it back).
+        rs_ptr: fp32 (N, H, WY) contiguous saved residual. Read only if ``PARTIAL``.
+        part_ptr: fp32 (N·H,): ``part[n·H + h] = Σ_w' r[h, w']·rs[h, w']`` (per row, so independent of the tile
+            config). Written only if ``PARTIAL``.
+        H, W: image size; WY = W + STEP·(L − 1): measurement width; L: bands; STEP: dispersion per band (pixels).
+        sx_*, sy_*, sz_*: element strides.
+        HAS_Y, WRITE_Z, PARTIAL: switches (y = 0 and no z in parts of the backward).
+        BLOCK_H: rows per program; BLOCK_W: pixels per chunk along the rows.
+    """
+    pid = tl.program_id(0)
+    tiles_h = (H + BLOCK_H - 1) // BLOCK_H
+    img = pid // tiles_h
+    h = (pid % tiles_h) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = h < H
+    x_rows = img.to(tl.int64) * sx_n + h.to(tl.int64) * sx_h                  # (BLOCK_H,)
+    m_rows = h * W
+    r_rows = (img.to(tl.int64) * H + h) * WY
+    offs = tl.arange(0, BLOCK_W)
+
+    part = tl.full((BLOCK_H, BLOCK_W), 0.0, tl.float32)
+    for w0 in range(0, WY, BLOCK_W):
+        wy = w0 + offs
+        wy_ok = h_ok[:, None] & (wy < WY)[None, :]
+        acc = tl.full((BLOCK_H, BLOCK_W), 0.0, tl.float32)
+        for lam in range(0, L):
+            w = wy - lam * STEP
+            ok = h_ok[:, None] & ((w >= 0) & (w < W))[None, :]
+            xv = tl.load(x_ptr + x_rows[:, None] + lam * sx_l + w.to(tl.int64)[None, :] * sx_w, mask=ok, other=0.0)
+            mv = tl.load(mask_ptr + m_rows[:, None] + w[None, :], mask=ok, other=0.0)
+            acc += mv.to(tl.float32) * xv.to(tl.float32)
+        if HAS_Y:
+            acc -= tl.load(y_ptr + (img.to(tl.int64) * sy_n + h.to(tl.int64) * sy_h)[:, None]
+                           + wy.to(tl.int64)[None, :] * sy_w, mask=wy_ok, other=0.0).to(tl.float32)
+        tl.store(r_ptr + r_rows[:, None] + wy[None, :], acc, mask=wy_ok)
+        if PARTIAL:
+            part += acc * tl.load(rs_ptr + r_rows[:, None] + wy[None, :], mask=wy_ok, other=0.0)
+    if PARTIAL:
+        tl.store(part_ptr + img.to(tl.int64) * H + h, tl.sum(part, axis=1), mask=h_ok)
+
+    if WRITE_Z:
+        # The rows' residual was written by other threads of this CTA: a CTA barrier orders those global stores
+        # before the shifted loads below (bar.sync has CTA-scope memory ordering; the lines were never read before,
+        # so L1 holds nothing stale). The interpreter runs a program sequentially and ignores the barrier.
+        tl.debug_barrier()
+        rho = tl.load(rho_ptr).to(tl.float32)
+        z_rows = img.to(tl.int64) * sz_n + h.to(tl.int64) * sz_h
+        for w0 in range(0, W, BLOCK_W):
+            w = w0 + offs
+            ok = h_ok[:, None] & (w < W)[None, :]
+            mv = tl.load(mask_ptr + m_rows[:, None] + w[None, :], mask=ok, other=0.0).to(tl.float32)
+            for lam in range(0, L):
+                xv = tl.load(x_ptr + x_rows[:, None] + lam * sx_l + w.to(tl.int64)[None, :] * sx_w, mask=ok,
+                             other=0.0)
+                rv = tl.load(r_ptr + r_rows[:, None] + (w + lam * STEP)[None, :], mask=ok, other=0.0)
+                z = xv.to(tl.float32) - rho * (mv * rv)
+                tl.store(z_ptr + z_rows[:, None] + lam * sz_l + w.to(tl.int64)[None, :] * sz_w,
+                         z.to(z_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.autotune(configs=_SR_CONFIGS, key=["H", "W", "S", "KH", "KW", "HAS_Y", "PARTIAL"],
+                 prune_configs_by={"early_config_prune": _prune_rows("WL")})
+@triton.jit
+def _sr_residual_kernel(
+    x_ptr, y_ptr, k_ptr, r_ptr, rs_ptr, part_ptr,
+    C, H, W, HL, WL,
+    sx_n, sx_c, sx_h, sx_w,
+    sy_n, sy_c, sy_h, sy_w,
+    S: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    HAS_Y: tl.constexpr, PARTIAL: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """SR pass 1: ``r[i, j] = Σ_{a,b} k[a, b]·x[(S·i + a − KH//2) mod H, (S·j + b − KW//2) mod W] − y[i, j]``.
+
+    Grid: (N·C·⌈HL / BLOCK_H⌉,); a program owns BLOCK_H whole low-resolution rows of one (n, c) plane and walks
+    them in BLOCK_W chunks; the KH×KW taps are unrolled. x is read with stride S; the taps of neighbouring outputs
+    overlap, so each x line comes from HBM about once and from L1/L2 for the other taps.
+
+    Args:
+        x_ptr: HR image (N, C, H, W), strides ``sx_*``.
+        y_ptr: LR measurement (N, C, HL, WL), strides ``sy_*``. Ignored unless ``HAS_Y``.
+        k_ptr: blur kernel (KH, KW), contiguous, in x's dtype.
+        r_ptr: fp32 (N, C, HL, WL) contiguous: the residual ``A x − y`` (always written).
+        rs_ptr: fp32 (N, C, HL, WL) contiguous saved residual. Read only if ``PARTIAL``.
+        part_ptr: fp32 (N·C·HL,): per LR row ``Σ_j r[i, j]·rs[i, j]``. Written only if ``PARTIAL``.
+        C, H, W: channels and HR size (multiples of S); HL = H/S, WL = W/S.
+        sx_*, sy_*: element strides.
+        S: scale; KH, KW: odd kernel size (KH//2 < H and KW//2 < W, so one wrap suffices).
+        HAS_Y, PARTIAL: switches.
+        BLOCK_H: LR rows per program; BLOCK_W: LR pixels per chunk.
+    """
+    pid = tl.program_id(0)
+    tiles_h = (HL + BLOCK_H - 1) // BLOCK_H
+    nc = pid // tiles_h
+    i = (pid % tiles_h) * BLOCK_H + tl.arange(0, BLOCK_H)
+    i_ok = i < HL
+    x_img = (nc // C).to(tl.int64) * sx_n + (nc % C).to(tl.int64) * sx_c
+    y_img = (nc // C).to(tl.int64) * sy_n + (nc % C).to(tl.int64) * sy_c
+    r_rows = (nc.to(tl.int64) * HL + i) * WL
+    offs = tl.arange(0, BLOCK_W)
+    part = tl.full((BLOCK_H, BLOCK_W), 0.0, tl.float32)
+    for j0 in range(0, WL, BLOCK_W):
+        j = j0 + offs
+        ok = i_ok[:, None] & (j < WL)[None, :]
+        acc = tl.full((BLOCK_H, BLOCK_W), 0.0, tl.float32)
+        for a in tl.static_range(KH):
+            # + H keeps the operand of % non-negative (a row index ≥ −KH//2 > −H): no signed-modulo subtleties.
+            xr = ((i * S + a - KH // 2 + H) % H).to(tl.int64) * sx_h
+            for b in tl.static_range(KW):
+                xc = ((j * S + b - KW // 2 + W) % W).to(tl.int64) * sx_w
+                kv = tl.load(k_ptr + a * KW + b).to(tl.float32)
+                xv = tl.load(x_ptr + x_img + xr[:, None] + xc[None, :], mask=ok, other=0.0)
+                acc += kv * xv.to(tl.float32)
+        if HAS_Y:
+            acc -= tl.load(y_ptr + y_img + i.to(tl.int64)[:, None] * sy_h + j.to(tl.int64)[None, :] * sy_w,
+                           mask=ok, other=0.0).to(tl.float32)
+        tl.store(r_ptr + r_rows[:, None] + j[None, :], acc, mask=ok)
+        if PARTIAL:
+            part += acc * tl.load(rs_ptr + r_rows[:, None] + j[None, :], mask=ok, other=0.0)
+    if PARTIAL:
+        tl.store(part_ptr + nc.to(tl.int64) * HL + i, tl.sum(part, axis=1), mask=i_ok)
+
+
+@triton.autotune(configs=_SR_CONFIGS, key=["H", "W", "S", "KH", "KW"],
+                 prune_configs_by={"early_config_prune": _prune_rows("W")})
+@triton.jit
+def _sr_update_kernel(
+    x_ptr, r_ptr, k_ptr, rho_ptr, z_ptr,
+    C, H, W, HL, WL,
+    sx_n, sx_c, sx_h, sx_w,
+    sz_n, sz_c, sz_h, sz_w,
+    S: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """SR pass 2: ``z = x − ρ·Aᵀ r`` with ``Aᵀ r`` = correlation of the zero-filled upsampled r with flip(k).
+
+    ``(Aᵀ r)[p, q] = Σ_{a,b} k[a, b]·up[(p + KH//2 − a) mod H, (q + KW//2 − b) mod W]``; up is non-zero only on
+    multiples of S, so only the taps a ≡ p + KH//2, b ≡ q + KW//2 (mod S) contribute (polyphase): a = a0 + S·t
+    (t < TH), b = b0 + S·u (u < TW), masked where a ≥ KH or b ≥ KW.
+
+    Grid: (N·C·⌈H / BLOCK_H⌉,); a program owns BLOCK_H whole HR rows of one (n, c) plane, in BLOCK_W chunks.
+
+    Args:
+        x_ptr: HR image (N, C, H, W), strides ``sx_*``.
+        r_ptr: fp32 residual (N, C, HL, WL), contiguous (from pass 1).
+        k_ptr: blur kernel (KH, KW), contiguous, in x's dtype.
+        rho_ptr: ρ, one element (read as fp32).
+        z_ptr: output (N, C, H, W), strides ``sz_*``.
+        C, H, W, HL, WL: channels, HR and LR sizes.
+        sx_*, sz_*: element strides.
+        S: scale; KH, KW: kernel size; TH = ⌈KH/S⌉, TW = ⌈KW/S⌉: taps per output pixel and axis.
+        BLOCK_H: HR rows per program; BLOCK_W: HR pixels per chunk.
+    """
+    pid = tl.program_id(0)
+    tiles_h = (H + BLOCK_H - 1) // BLOCK_H
+    nc = pid // tiles_h
+    p = (pid % tiles_h) * BLOCK_H + tl.arange(0, BLOCK_H)
+    p_ok = p < H
+    x_img = (nc // C).to(tl.int64) * sx_n + (nc % C).to(tl.int64) * sx_c
+    z_img = (nc // C).to(tl.int64) * sz_n + (nc % C).to(tl.int64) * sz_c
+    r_img = nc.to(tl.int64) * HL * WL
+    rho = tl.load(rho_ptr).to(tl.float32)
+    a0 = (p + KH // 2) % S
+    offs = tl.arange(0, BLOCK_W)
+    for q0 in range(0, W, BLOCK_W):
+        q = q0 + offs
+        ok = p_ok[:, None] & (q < W)[None, :]
+        b0 = (q + KW // 2) % S
+        acc = tl.full((BLOCK_H, BLOCK_W), 0.0, tl.float32)
+        for t in tl.static_range(TH):
+            a = a0 + S * t                                          # (BLOCK_H,)
+            # a < KH ⇒ p + KH//2 − a ≥ −KH//2 > −H: the operand of % stays non-negative where it matters.
+            i = ((p + KH // 2 - a + H) % H) // S
+            for u in tl.static_range(TW):
+                b = b0 + S * u                                      # (BLOCK_W,)
+                tap_ok = ok & (a < KH)[:, None] & (b < KW)[None, :]
+                jj = ((q + KW // 2 - b + W) % W) // S
+                kv = tl.load(k_ptr + a[:, None] * KW + b[None, :], mask=tap_ok, other=0.0).to(tl.float32)
+                rv = tl.load(r_ptr + r_img + i.to(tl.int64)[:, None] * WL + jj[None, :], mask=tap_ok, other=0.0)
+                acc += kv * rv
+        xv = tl.load(x_ptr + x_img + p.to(tl.int64)[:, None] * sx_h + q.to(tl.int64)[None, :] * sx_w,
+                     mask=ok, other=0.0)
+        z = xv.to(tl.float32) - rho * acc
+        tl.store(z_ptr + z_img + p.to(tl.int64)[:, None] * sz_h + q.to(tl.int64)[None, :] * sz_w,
+                 z.to(z_ptr.dtype.element_ty), mask=ok)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Launchers (no autograd, no validation)
+# --------------------------------------------------------------------------------------------------------------------
+
+def _check_runnable(t: torch.Tensor) -> None:
+    if not t.is_cuda and not _INTERPRET:
+        raise RuntimeError("lorun_fast.kernels.gd_step: Triton kernels need CUDA tensors "
+                           "(or TRITON_INTERPRET=1 set before importing this module to run them on CPU)")
+
+
+def _dot_precision(dtype: torch.dtype, input_precision: str) -> str:
+    # Precision only means something for float32 operands; 16-bit ones get tl.dot's default ("tf32", a no-op for
+    # them), which also avoids a recompile per requested precision.
+    return input_precision if dtype == torch.float32 else "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return _INTERPRET and dtype == torch.bfloat16
+
+
+def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    return _poison(torch.empty(shape, dtype=like.dtype if dtype is None else dtype, device=like.device))
+
+
+def _nothing(like: torch.Tensor, dtype=None) -> torch.Tensor:
+    # Distinct empties: outputs of a custom op must not alias one another.
+    return torch.empty(0, dtype=like.dtype if dtype is None else dtype, device=like.device)
+
+
+def _finish_backward(ag, part, rho, y_dtype, need_y, need_rho):
+    """``dy = ρ·A G`` (in y's dtype) and ``dρ = −Σ part`` (fixed-order torch sum, in ρ's dtype and shape)."""
+    dy = (rho.reshape(()).float() * ag).to(y_dtype) if need_y else _nothing(ag, y_dtype)
+    drho = (-part.sum()).to(rho.dtype).reshape(rho.shape) if need_rho else _nothing(ag, rho.dtype)
+    return dy, drho
+
+
+# ---- block CS ----
+
+class _CSPrepared:
+    """Φ in the compute dtype, zero-padded, in the arrangements the kernels read; G = ΦᵀΦ when asked for."""
+
+    def __init__(self, phi: torch.Tensor, dtype: torch.dtype, block_size: int):
+        m, n = phi.shape
+        self.m, self.n, self.block_size = m, n, block_size
+        self.np_ = triton.cdiv(n, 128) * 128
+        self.p1, self.p2, self.has2 = _split_measurements(m)
+        self.mp = self.p1 + (self.p2 if self.has2 else 0)
+        phi_c = phi.detach().to(dtype)  # rounded to x's dtype first, as the reference's phi.to(x.dtype)
+        self.phi_c = phi_c
+        self.dtype = dtype
+        pad = torch.zeros(self.mp, self.np_, dtype=dtype, device=phi.device)
+        pad[:m, :n] = phi_c
+        self.phi = pad
+        self.phit = pad.t().contiguous()
+        self.gram = None
+        self.neg_phi = None
+
+    def gram_matrix(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(G, −Φ), padded, for the one-GEMM kernel."""
+        if self.gram is None:
+            # Formed in float64 from the rounded Φ, rounded once to the compute dtype.
+            p = self.phi_c.double()
+            g = torch.zeros(self.np_, self.np_, dtype=self.dtype, device=p.device)
+            g[:self.n, :self.n] = (p.t() @ p).to(self.dtype)
+            self.gram = g
+            self.neg_phi = -self.phi
+        return self.gram, self.neg_phi
+
+
+_CS_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_CS_CACHE_SIZE = 8
+
+
+def clear_cache() -> None:
+    """Forget every cached padded Φ / Gram matrix."""
+    _CS_CACHE.clear()
+
+
+def _cs_prepared(phi: torch.Tensor, dtype: torch.dtype, block_size: int) -> _CSPrepared:
+    """Cached per Φ: key (data_ptr, version counter, device, dtype, shape, strides, compute dtype); an entry is only
+    valid while the Φ it was built from is alive (a freed Φ's address may be reused by another tensor)."""
+    try:
+        version = phi._version
+    except RuntimeError:  # inference tensors have no version counter: do not cache them
+        return _CSPrepared(phi, dtype, block_size)
+    key = (phi.data_ptr(), version, str(phi.device), phi.dtype, tuple(phi.shape), tuple(phi.stride()), dtype,
+           block_size)
+    hit = _CS_CACHE.get(key)
+    if hit is not None and hit[0]() is not None:
+        _CS_CACHE.move_to_end(key)
+        return hit[1]
+    prep = _CSPrepared(phi, dtype, block_size)
+    try:
+        ref = weakref.ref(phi)
+    except TypeError:
+        return prep
+    _CS_CACHE[key] = (ref, prep)
+    while len(_CS_CACHE) > _CS_CACHE_SIZE:
+        _CS_CACHE.popitem(last=False)
+    return prep
+
+
+def _split_measurements(m: int) -> Tuple[int, int, bool]:
+    """The residual's register tiles: P1 = the largest power of two ≤ m (≥ 16), P2 = the rest rounded up to a power
+    of two (≥ 16), merged into one tile when P2 == P1. m = 272 → (256, 16), 109 → (128), 436 → (512)."""
+    p1 = max(16, 1 << (int(m).bit_length() - 1))
+    rest = m - p1
+    if rest <= 0:
+        return p1, 16, False
+    p2 = max(16, triton.next_power_of_2(rest))
+    if p2 == p1:
+        return 2 * p1, 16, False
+    return p1, p2, True
+
+
+def resolve_cs_algorithm(algorithm: str, m: int, n: int) -> str:
+    """``"auto"`` → ``"two_gemm"`` when m < n/2 (4·n·m FLOPs per block against 2·n·(n + m), and the m-vector fits
+    in registers), else ``"one_gemm"``."""
+    if algorithm != "auto":
+        return algorithm
+    return "two_gemm" if 2 * m < n else "one_gemm"
+
+
+def _cs_geometry(x: torch.Tensor, block_size: int):
+    nb, c, h, w = x.shape
+    hb, wb = triton.cdiv(h, block_size), triton.cdiv(w, block_size)
+    return nb, c, h, w, hb, wb, nb * c * hb * wb
+
+
+def _cs_launch(x, y, prep: _CSPrepared, rho, algorithm, input_precision, write_z, write_r, r_saved):
+    """Run the CS kernels on x (with y, or y = 0 when ``y`` is None). Returns ``(z, r, part)``: z (x's shape and
+    dtype, contiguous) if ``write_z``; fp32 ``r = A x − y`` (N, C, HB, WB, m) if ``write_r``; fp32 per-block
+    ``Σ r·r_saved`` if ``r_saved`` is given; empty tensors otherwise."""
+    bs = prep.block_size
+    nb, c, h, w, hb, wb, nblk = _cs_geometry(x, bs)
+    m = prep.m
+    partial = r_saved is not None
+    z = _empty(x.shape, x) if write_z else _nothing(x)
+    r = _empty((nb, c, hb, wb, m), x, torch.float32) if write_r else _nothing(x, torch.float32)
+    part = _empty((nblk,), x, torch.float32) if partial else _nothing(x, torch.float32)
+    if nblk == 0:
+        return z, r, part
+    _check_runnable(x)
+    if h * w >= 2 ** 31:
+        raise ValueError(f"x: image {h}×{w} has ≥ 2³¹ pixels; the CS kernel uses 32-bit in-plane offsets")
+    # The kernels address x, z, y and r as contiguous (in-plane offsets shared by the x load and the z store keep
+    # the register count down); a non-contiguous input (a view, an expanded gradient) is copied once.
+    x = x.contiguous()
+    has_y = y is not None
+    ysrc = y.contiguous() if has_y else x
+    zdst = z if write_z else x
+    prec = _dot_precision(x.dtype, input_precision)
+    up = _upcast(x.dtype)
+    if algorithm == "one_gemm" and write_z:
+        gram, neg_phi = prep.gram_matrix()
+        grid = lambda meta: (triton.cdiv(nblk, meta["BLOCK_M"]), prep.np_ // meta["BLOCK_N"])  # noqa: E731
+        _cs_one_gemm_kernel[grid](
+            x, ysrc, gram, neg_phi, rho, zdst,
+            nblk, h, w, hb, wb, m,
+            BS=bs, NP=prep.np_, HAS_Y=has_y, INPUT_PRECISION=prec, UPCAST=up,
+        )
+        write_z = False  # done; the two-GEMM kernel below only has to produce r / the partial sums
+    if write_z or write_r or partial:
+        rdst = r if write_r else x
+        grid = lambda meta: (triton.cdiv(nblk, meta["BLOCK_M"]),  # noqa: E731
+                             meta["SPLIT_N"] if write_z else 1)
+        _cs_two_gemm_kernel[grid](
+            x, ysrc, prep.phi, prep.phit, rho, zdst, rdst, r_saved if partial else x, part if partial else x,
+            nblk, h, w, hb, wb, m,
+            BS=bs, NP=prep.np_, MP=prep.mp, P1=prep.p1, P2=prep.p2, HAS2=prep.has2,
+            HAS_Y=has_y, WRITE_Z=write_z, WRITE_R=write_r, PARTIAL=partial,
+            INPUT_PRECISION=prec, UPCAST=up,
+        )
+    return z, r, part
+
+
+def cs_forward(x, y, phi, rho, block_size=33, algorithm="auto", input_precision="tf32", save_residual=False):
+    """Launch the CS step (no autograd, no validation). Returns ``(z, r)``, r = fp32 ``A x − y`` if
+    ``save_residual`` else empty."""
+    prep = _cs_prepared(phi, x.dtype, block_size)
+    algorithm = resolve_cs_algorithm(algorithm, prep.m, prep.n)
+    z, r, _ = _cs_launch(x, y, prep, rho, algorithm, input_precision, True, save_residual, None)
+    return z, r
+
+
+def cs_backward(grad, phi, rho, residual, block_size, algorithm, input_precision, need_x, need_y, need_rho):
+    """``(dx, dy, dρ)`` of the CS step, empty where not needed; see ``GDStepCSFunction``."""
+    prep = _cs_prepared(phi, grad.dtype, block_size)
+    algorithm = resolve_cs_algorithm(algorithm, prep.m, prep.n)
+    dx, ag, part = _cs_launch(grad, None, prep, rho, algorithm, input_precision, need_x, need_y or need_rho,
+                              residual if need_rho else None)
+    dy, drho = _finish_backward(ag, part, rho, grad.dtype, need_y, need_rho)
+    return dx, dy, drho
+
+
+# ---- CASSI ----
+
+def _cassi_launch(x, y, mask_c, rho, step, write_z, r_saved):
+    """Returns ``(z, r, part)``: z if ``write_z``, fp32 residual (N, H, WY) always, per-row ``Σ r·r_saved`` if
+    ``r_saved`` is given."""
+    nb, bands, h, w = x.shape
+    wy = w + step * (bands - 1)
+    partial = r_saved is not None
+    z = _empty(x.shape, x) if write_z else _nothing(x)
+    r = _empty((nb, h, wy), x, torch.float32)
+    part = _empty((nb * h,), x, torch.float32) if partial else _nothing(x, torch.float32)
+    if nb * h * w == 0:
+        # No pixels: A x = 0 (bands == 0 cannot happen, validated), so r = −y.
+        if y is not None:
+            r.copy_(-y.float())
+        else:
+            r.zero_()
+        if partial:
+            part.zero_()
+        return z, r, part
+    _check_runnable(x)
+    has_y = y is not None
+    ysrc = y if has_y else x
+    ystr = y.stride() if has_y else (0, 0, 0)
+    zdst = z if write_z else x
+    grid = lambda meta: (nb * triton.cdiv(h, meta["BLOCK_H"]),)  # noqa: E731
+    _cassi_kernel[grid](
+        x, ysrc, mask_c, rho, zdst, r, r_saved if partial else r, part if partial else r,
+        h, w, wy, bands, step,
+        *x.stride(), *ystr, *zdst.stride(),
+        HAS_Y=has_y, WRITE_Z=write_z, PARTIAL=partial,
+    )
+    return z, r, part
+
+
+def _mask_for(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Rounded to x's dtype, as the reference's mask.to(x.dtype); contiguous for the kernel's row addressing.
+    return mask.detach().to(dtype).contiguous()
+
+
+def cassi_forward(x, y, mask, rho, step=2):
+    """Launch the CASSI step. Returns ``(z, r)`` with r the fp32 residual ``A x − y`` (N, H, W + step·(Λ−1))."""
+    z, r, _ = _cassi_launch(x, y, _mask_for(mask, x.dtype), rho, step, True, None)
+    return z, r
+
+
+def cassi_backward(grad, mask, rho, residual, step, need_x, need_y, need_rho):
+    """``(dx, dy, dρ)`` of the CASSI step; see ``GDStepCASSIFunction``."""
+    dx, ag, part = _cassi_launch(grad, None, _mask_for(mask, grad.dtype), rho, step, need_x,
+                                 residual if need_rho else None)
+    dy, drho = _finish_backward(ag, part, rho, grad.dtype, need_y, need_rho)
+    return dx, dy, drho
+
+
+# ---- super-resolution ----
+
+def _sr_launch(x, y, kernel_c, rho, scale, write_z, r_saved):
+    """Returns ``(z, r, part)``: z if ``write_z``, fp32 residual (N, C, H/s, W/s) always, per-LR-row
+    ``Σ r·r_saved`` if ``r_saved`` is given."""
+    nb, c, h, w = x.shape
+    hl, wl = h // scale, w // scale
+    kh, kw = kernel_c.shape
+    partial = r_saved is not None
+    z = _empty(x.shape, x) if write_z else _nothing(x)
+    r = _empty((nb, c, hl, wl), x, torch.float32)
+    part = _empty((nb * c * hl,), x, torch.float32) if partial else _nothing(x, torch.float32)
+    if r.numel() == 0:
+        return z, r, part
+    _check_runnable(x)
+    has_y = y is not None
+    ysrc = y if has_y else x
+    ystr = y.stride() if has_y else (0, 0, 0, 0)
+    grid = lambda meta: (nb * c * triton.cdiv(hl, meta["BLOCK_H"]),)  # noqa: E731
+    _sr_residual_kernel[grid](
+        x, ysrc, kernel_c, r, r_saved if partial else r, part if partial else r,
+        c, h, w, hl, wl,
+        *x.stride(), *ystr,
+        S=scale, KH=kh, KW=kw, HAS_Y=has_y, PARTIAL=partial,
+    )
+    if write_z:
+        grid = lambda meta: (nb * c * triton.cdiv(h, meta["BLOCK_H"]),)  # noqa: E731
+        _sr_update_kernel[grid](
+            x, r, kernel_c, rho, z,
+            c, h, w, hl, wl,
+            *x.stride(), *z.stride(),
+            S=scale, KH=kh, KW=kw, TH=triton.cdiv(kh, scale), TW=triton.cdiv(kw, scale),
+        )
+    return z, r, part
+
+
+def _kernel_for(kernel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return kernel.detach().to(dtype).contiguous()
+
+
+def sr_forward(x, y, kernel, rho, scale):
+    """Launch the SR step (two kernels). Returns ``(z, r)`` with r the fp32 residual ``A x − y`` (N, C, H/s, W/s)."""
+    z, r, _ = _sr_launch(x, y, _kernel_for(kernel, x.dtype), rho, scale, True, None)
+    return z, r
+
+
+def sr_backward(grad, kernel, rho, residual, scale, need_x, need_y, need_rho):
+    """``(dx, dy, dρ)`` of the SR step; see ``GDStepSRFunction``."""
+    dx, ag, part = _sr_launch(grad, None, _kernel_for(kernel, grad.dtype), rho, scale, need_x,
+                              residual if need_rho else None)
+    dy, drho = _finish_backward(ag, part, rho, grad.dtype, need_y, need_rho)
+    return dx, dy, drho
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Custom ops and autograd
+# --------------------------------------------------------------------------------------------------------------------
+
+def _backward_fakes(grad, y_shape, rho, need_x, need_y, need_rho):
+    dx = torch.empty_like(grad, memory_format=torch.contiguous_format) if need_x else grad.new_empty(0)
+    dy = grad.new_empty(y_shape) if need_y else grad.new_empty(0)
+    drho = rho.new_empty(rho.shape) if need_rho else rho.new_empty(0)
+    return dx, dy, drho
+
+
+# ---- block CS ----
+
+@torch.library.custom_op("lorun_fast::gd_step_cs", mutates_args=())
+def _gd_step_cs_op(x: torch.Tensor, y: torch.Tensor, phi: torch.Tensor, rho: torch.Tensor, block_size: int,
+                   algorithm: str, input_precision: str, save_residual: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Block-CS step: ``(z, r)``, r = fp32 ``A x − y`` (N, C, Hb, Wb, m) if ``save_residual`` else empty."""
+    return cs_forward(x, y, phi, rho, block_size, algorithm, input_precision, save_residual)
+
+
+@_gd_step_cs_op.register_fake
+def _(x, y, phi, rho, block_size, algorithm, input_precision, save_residual):
+    z = torch.empty_like(x, memory_format=torch.contiguous_format)
+    r = x.new_empty(y.shape, dtype=torch.float32) if save_residual else x.new_empty(0, dtype=torch.float32)
+    return z, r
+
+
+@torch.library.custom_op("lorun_fast::gd_step_cs_backward", mutates_args=())
+def _gd_step_cs_backward_op(grad: torch.Tensor, phi: torch.Tensor, rho: torch.Tensor,
+                            residual: Optional[torch.Tensor], block_size: int, algorithm: str, input_precision: str,
+                            need_x: bool, need_y: bool, need_rho: bool
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``lorun_fast::gd_step_cs``: ``(dx, dy, dρ)``, empty where not needed."""
+    return cs_backward(grad, phi, rho, residual, block_size, algorithm, input_precision, need_x, need_y, need_rho)
+
+
+@_gd_step_cs_backward_op.register_fake
+def _(grad, phi, rho, residual, block_size, algorithm, input_precision, need_x, need_y, need_rho):
+    nb, c, h, w = grad.shape
+    y_shape = (nb, c, -(-h // block_size), -(-w // block_size), phi.shape[0])
+    return _backward_fakes(grad, y_shape, rho, need_x, need_y, need_rho)
+
+
+def _mark_residual(ctx, residual):
+    # The residual output is a by-product saved for the backward, not something to differentiate.
+    if hasattr(ctx, "mark_non_differentiable"):
+        ctx.mark_non_differentiable(residual)
+
+
+class GDStepCSFunction(torch.autograd.Function):
+    """Autograd of the block-CS step (also registered as ``lorun_fast::gd_step_cs``'s autograd).
+
+    Inputs ``(x, y, Φ, ρ, block_size, algorithm, input_precision, save_residual)``, outputs ``(z, r)``:
+
+        r = A x − y = to_blocks(x) Φᵀ − y          (fp32; saved when ρ needs a gradient)
+        z = x − ρ·Aᵀ r = x − ρ·from_blocks(r Φ)    (cropped to H × W)
+
+    Backward, with ``G = ∂L/∂z`` (the step is linear in x, y and ρ):
+
+        dx = G − ρ·AᵀA G        (the forward kernel applied to G with y = 0, same algorithm)
+        dy = ρ·A G              (A G is the "residual" that launch forms on chip and writes out)
+        dρ = −⟨G, Aᵀ r⟩ = −⟨A G, r⟩   (per-block partial sums Σ_p (A G)·r in the kernel, then a fixed-order
+                                        torch sum: deterministic, no atomics)
+
+    Φ gets no gradient (it is a fixed sampling matrix; the public function refuses a Φ that requires grad).
+    """
+
+    @staticmethod
+    def forward(x, y, phi, rho, block_size, algorithm, input_precision, save_residual):
+        return cs_forward(x, y, phi, rho, block_size, algorithm, input_precision, save_residual)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, y, phi, rho, block_size, algorithm, input_precision, save_residual = inputs
+        _, r = output
+        ctx.save_for_backward(phi, rho, r)
+        ctx.block_size, ctx.algorithm, ctx.input_precision = block_size, algorithm, input_precision
+        ctx.has_residual = bool(save_residual)
+        _mark_residual(ctx, r)
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_r=None):
+        phi, rho, r = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if need[3] and not ctx.has_residual:
+            raise RuntimeError("lorun_fast::gd_step_cs: rho needs a gradient but the forward ran with "
+                               "save_residual=False; call gd_step_cs(), which sets it")
+        dx, dy, drho = torch.ops.lorun_fast.gd_step_cs_backward(
+            grad_z, phi, rho, r if need[3] else None, ctx.block_size, ctx.algorithm, ctx.input_precision,
+            need[0], need[1], need[3])
+        return (dx if need[0] else None, dy if need[1] else None, None, drho if need[3] else None,
+                None, None, None, None)
+
+
+torch.library.register_autograd("lorun_fast::gd_step_cs", GDStepCSFunction.backward,
+                                setup_context=GDStepCSFunction.setup_context)
+
+
+# ---- CASSI ----
+
+@torch.library.custom_op("lorun_fast::gd_step_cassi", mutates_args=())
+def _gd_step_cassi_op(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, rho: torch.Tensor,
+                      step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CASSI step: ``(z, r)``, r = fp32 ``A x − y`` (N, H, W + step·(Λ−1))."""
+    return cassi_forward(x, y, mask, rho, step)
+
+
+@_gd_step_cassi_op.register_fake
+def _(x, y, mask, rho, step):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(y.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("lorun_fast::gd_step_cassi_backward", mutates_args=())
+def _gd_step_cassi_backward_op(grad: torch.Tensor, mask: torch.Tensor, rho: torch.Tensor,
+                               residual: Optional[torch.Tensor], step: int, need_x: bool, need_y: bool,
+                               need_rho: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``lorun_fast::gd_step_cassi``: ``(dx, dy, dρ)``, empty where not needed."""
+    return cassi_backward(grad, mask, rho, residual, step, need_x, need_y, need_rho)
+
+
+@_gd_step_cassi_backward_op.register_fake
+def _(grad, mask, rho, residual, step, need_x, need_y, need_rho):
+    nb, bands, h, w = grad.shape
+    return _backward_fakes(grad, (nb, h, w + step * (bands - 1)), rho, need_x, need_y, need_rho)
+
+
+class GDStepCASSIFunction(torch.autograd.Function):
+    """Autograd of the CASSI step (also registered as ``lorun_fast::gd_step_cassi``'s autograd).
+
+    Inputs ``(x, y, mask, ρ, step)``, outputs ``(z, r)``, with ``(A x)[h, w'] = Σ_λ M[h, w'−dλ]·x_λ[h, w'−dλ]``
+    and ``(Aᵀ r)_λ[h, w] = M[h, w]·r[h, w + dλ]``:
+
+        r = A x − y                 (fp32, always produced: the kernel reads it back for the update)
+        z = x − ρ·Aᵀ r
+
+    Backward, with ``G = ∂L/∂z``:
+
+        dx = G − ρ·AᵀA G            (the forward kernel on G with y = 0)
+        dy = ρ·A G                  (the residual that launch writes)
+        dρ = −⟨A G, r⟩              (per-row partial sums in the kernel, then a fixed-order torch sum)
+
+    The mask gets no gradient.
+    """
+
+    @staticmethod
+    def forward(x, y, mask, rho, step):
+        return cassi_forward(x, y, mask, rho, step)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, y, mask, rho, step = inputs
+        _, r = output
+        ctx.save_for_backward(mask, rho, r)
+        ctx.step = step
+        _mark_residual(ctx, r)
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_r=None):
+        mask, rho, r = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dy, drho = torch.ops.lorun_fast.gd_step_cassi_backward(
+            grad_z, mask, rho, r if need[3] else None, ctx.step, need[0], need[1], need[3])
+        return dx if need[0] else None, dy if need[1] else None, None, drho if need[3] else None, None
+
+
+torch.library.register_autograd("lorun_fast::gd_step_cassi", GDStepCASSIFunction.backward,
+                                setup_context=GDStepCASSIFunction.setup_context)
+
+
+# ---- super-resolution ----
+
+@torch.library.custom_op("lorun_fast::gd_step_sr", mutates_args=())
+def _gd_step_sr_op(x: torch.Tensor, y: torch.Tensor, kernel: torch.Tensor, rho: torch.Tensor,
+                   scale: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SR step: ``(z, r)``, r = fp32 ``A x − y`` (N, C, H/s, W/s)."""
+    return sr_forward(x, y, kernel, rho, scale)
+
+
+@_gd_step_sr_op.register_fake
+def _(x, y, kernel, rho, scale):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(y.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("lorun_fast::gd_step_sr_backward", mutates_args=())
+def _gd_step_sr_backward_op(grad: torch.Tensor, kernel: torch.Tensor, rho: torch.Tensor,
+                            residual: Optional[torch.Tensor], scale: int, need_x: bool, need_y: bool,
+                            need_rho: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``lorun_fast::gd_step_sr``: ``(dx, dy, dρ)``, empty where not needed."""
+    return sr_backward(grad, kernel, rho, residual, scale, need_x, need_y, need_rho)
+
+
+@_gd_step_sr_backward_op.register_fake
+def _(grad, kernel, rho, residual, scale, need_x, need_y, need_rho):
+    nb, c, h, w = grad.shape
+    return _backward_fakes(grad, (nb, c, h // scale, w // scale), rho, need_x, need_y, need_rho)
+
+
+class GDStepSRFunction(torch.autograd.Function):
+    """Autograd of the SR step (also registered as ``lorun_fast::gd_step_sr``'s autograd).
+
+    Inputs ``(x, y, k, ρ, s)``, outputs ``(z, r)``, with ``A x = correlate(circpad(x), k)[::s, ::s]`` and
+    ``Aᵀ r = correlate(circpad(upsample₀(r)), flip(k))``:
+
+        r = A x − y                 (fp32, pass 1; pass 2 reads it)
+        z = x − ρ·Aᵀ r
+
+    Backward, with ``G = ∂L/∂z``:
+
+        dx = G − ρ·AᵀA G            (the two forward kernels on G with y = 0)
+        dy = ρ·A G                  (pass 1's output)
+        dρ = −⟨A G, r⟩              (per-LR-row partial sums in pass 1, then a fixed-order torch sum)
+
+    The blur kernel gets no gradient.
+    """
+
+    @staticmethod
+    def forward(x, y, kernel, rho, scale):
+        return sr_forward(x, y, kernel, rho, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, y, kernel, rho, scale = inputs
+        _, r = output
+        ctx.save_for_backward(kernel, rho, r)
+        ctx.scale = scale
+        _mark_residual(ctx, r)
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_r=None):
+        kernel, rho, r = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dy, drho = torch.ops.lorun_fast.gd_step_sr_backward(
+            grad_z, kernel, rho, r if need[3] else None, ctx.scale, need[0], need[1], need[3])
+        return dx if need[0] else None, dy if need[1] else None, None, drho if need[3] else None, None
+
+
+torch.library.register_autograd("lorun_fast::gd_step_sr", GDStepSRFunction.backward,
+                                setup_context=GDStepSRFunction.setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation and public entry points
+# --------------------------------------------------------------------------------------------------------------------
+
+def _check_tensor(name, t, dims=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name}: expected a {dims}-D tensor, got shape {tuple(t.shape)}")
+
+
+def _check_x(x, layout):
+    _check_tensor("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D {layout} tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x: dtype {x.dtype} is not supported; use float32, bfloat16 or float16")
+
+
+def _check_y(y, x, expected, layout):
+    _check_tensor("y", y)
+    if tuple(y.shape) != tuple(expected):
+        raise ValueError(f"y: expected the measurement shape {tuple(expected)} {layout} of x {tuple(x.shape)}, got "
+                         f"{tuple(y.shape)}")
+    if y.dtype != x.dtype:
+        raise TypeError(f"y: dtype {y.dtype} does not match x's dtype {x.dtype}")
+
+
+def _check_device(x, **tensors):
+    for name, t in tensors.items():
+        if t.device != x.device:
+            raise ValueError(f"{name}: on device {t.device}, but x is on {x.device}; all tensors must share a device")
+
+
+def _check_fixed(name, t):
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name}: gradients with respect to {name} are not supported by the fused step; detach it "
+                         "(or use the reference operator)")
+
+
+def _as_rho(rho, x) -> torch.Tensor:
+    """ρ as a one-element tensor on x's device: a Python number becomes a 0-dim fp32 tensor (torch.full launches a
+    fill, no host-to-device copy); a tensor must be 0-dim or (1,), floating point, on x's device."""
+    if isinstance(rho, torch.Tensor):
+        if not rho.is_floating_point():
+            raise TypeError(f"rho: expected a floating-point tensor, got dtype {rho.dtype}")
+        if rho.dim() > 1 or rho.numel() != 1:
+            raise ValueError(f"rho: expected a scalar (0-dim or shape (1,)) tensor, got shape {tuple(rho.shape)}")
+        if rho.device != x.device:
+            raise ValueError(f"rho: on device {rho.device}, but x is on {x.device}; all tensors must share a device")
+        return rho
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
+        raise TypeError(f"rho: expected a Python float or a scalar tensor, got {type(rho).__name__}")
+    if not math.isfinite(rho):
+        raise ValueError(f"rho: expected a finite number, got {rho}")
+    return torch.full((), float(rho), dtype=torch.float32, device=x.device)
+
+
+def _check_int(name, v, low):
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name}: expected an int ≥ {low}, got {v!r}")
+
+
+def gd_step_cs(x: torch.Tensor, y: torch.Tensor, phi: torch.Tensor, rho, *, algorithm: str = "auto",
+               input_precision: str = "tf32", block_size: int = 33) -> torch.Tensor:
+    """Block-CS gradient step ``z = x − ρ·Φᵀ(Φ x_b − y_b)`` per block, fused (see the module docstring).
+
+    Args:
+        x: image (N, C, H, W), float32 / bfloat16 / float16, H, W ≥ block_size (zero-padded to whole blocks).
+        y: block measurements (N, C, ⌈H/b⌉, ⌈W/b⌉, m), x's dtype.
+        phi: sampling matrix (m, b²), any float dtype (rounded to x's dtype, like the reference); no gradient.
+        rho: step size: a Python number or a scalar tensor (0-dim or (1,)) on x's device, e.g. a learnable
+            per-stage parameter (it gets a gradient).
+        algorithm: "auto" (two GEMMs through Φ when m < n/2, else one GEMM with G = ΦᵀΦ), "two_gemm" or "one_gemm".
+        input_precision: "ieee", "tf32" or "tf32x3" for float32 inputs (ignored for 16-bit ones).
+        block_size: block side b (33 in ISTA-Net).
+
+    Returns z with x's shape and dtype (contiguous). Registered as ``torch.ops.lorun_fast.gd_step_cs`` (returns
+    ``(z, residual)``), so it works under autograd (x, y, ρ) and ``torch.compile(fullgraph=True)``.
+    """
+    _check_x(x, "(N, C, H, W) image")
+    _check_int("block_size", block_size, 1)
+    h, w = x.shape[-2:]
+    if h < block_size or w < block_size:
+        raise ValueError(f"x: image {h}×{w} is smaller than one {block_size}×{block_size} block")
+    _check_tensor("phi", phi)
+    n = block_size * block_size
+    if phi.dim() != 2 or phi.shape[1] != n:
+        raise ValueError(f"phi: expected a 2-D matrix (m, {n}) for {block_size}×{block_size} blocks, got shape "
+                         f"{tuple(phi.shape)}")
+    if not 1 <= phi.shape[0] <= n:
+        raise ValueError(f"phi: expected 1 to {n} rows, got {phi.shape[0]}")
+    m = phi.shape[0]
+    _check_y(y, x, (x.shape[0], x.shape[1], -(-h // block_size), -(-w // block_size), m),
+             "(N, C, Hb, Wb, m)")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {algorithm!r}")
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"input_precision: expected one of {INPUT_PRECISIONS}, got {input_precision!r}")
+    _check_device(x, y=y, phi=phi)
+    _check_fixed("phi", phi)
+    rho_t = _as_rho(rho, x)
+    algorithm = resolve_cs_algorithm(algorithm, m, n)
+    save = torch.is_grad_enabled() and rho_t.requires_grad
+    z, _ = torch.ops.lorun_fast.gd_step_cs(x, y, phi, rho_t, block_size, algorithm, input_precision, save)
+    return z
+
+
+def gd_step_cassi(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, rho, *, step: int = 2,
+                  num_bands: Optional[int] = None) -> torch.Tensor:
+    """CASSI gradient step ``z_λ = x_λ − ρ·M ⊙ shift_{−dλ}(Σ_μ shift_{dμ}(M ⊙ x_μ) − y)``, one fused launch.
+
+    Args:
+        x: cube (N, Λ, H, W), float32 / bfloat16 / float16.
+        y: measurement (N, H, W + step·(Λ − 1)), x's dtype.
+        mask: coded aperture (H, W), float or bool (rounded to x's dtype, like the reference); no gradient.
+        rho: step size: a Python number or a scalar tensor on x's device (gets a gradient).
+        step: dispersion d in pixels per band (2 for the standard simulation).
+        num_bands: when given, the band count x must have (the operator's Λ); else Λ = x.shape[1].
+
+    Registered as ``torch.ops.lorun_fast.gd_step_cassi``; autograd for x, y and ρ.
+    """
+    _check_x(x, "(N, Λ, H, W) cube")
+    _check_int("step", step, 0)
+    bands, h, w = x.shape[1:]
+    if num_bands is not None:
+        _check_int("num_bands", num_bands, 1)
+        if bands != num_bands:
+            raise ValueError(f"x: expected {num_bands} bands, got {bands} (shape {tuple(x.shape)})")
+    if bands < 1:
+        raise ValueError(f"x: expected at least one band, got shape {tuple(x.shape)}")
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
+    if not (mask.is_floating_point() or mask.dtype == torch.bool):
+        raise TypeError(f"mask: expected a floating-point or bool tensor, got dtype {mask.dtype}")
+    if tuple(mask.shape) != (h, w):
+        raise ValueError(f"mask: expected shape {(h, w)} (x's spatial size), got {tuple(mask.shape)}")
+    _check_y(y, x, (x.shape[0], h, w + step * (bands - 1)), f"(N, H, W + {step}·(Λ−1)) with Λ = {bands}")
+    _check_device(x, y=y, mask=mask)
+    _check_fixed("mask", mask)
+    rho_t = _as_rho(rho, x)
+    z, _ = torch.ops.lorun_fast.gd_step_cassi(x, y, mask, rho_t, step)
+    return z
+
+
+def gd_step_sr(x: torch.Tensor, y: torch.Tensor, kernel: torch.Tensor, rho, *, scale: int) -> torch.Tensor:
+    """Super-resolution gradient step ``z = x − ρ·Aᵀ(A x − y)``, ``A x = (k ⋆ x)↓s`` with circular boundaries.
+
+    Two launches (residual at LR resolution, then the polyphase update; see the module docstring for why two).
+
+    Args:
+        x: HR image (N, C, H, W), float32 / bfloat16 / float16, H and W multiples of ``scale`` and larger than
+            half the kernel.
+        y: LR measurement (N, C, H/s, W/s), x's dtype.
+        kernel: blur kernel (kh, kw), odd sizes, any float dtype (rounded to x's dtype); no gradient.
+        rho: step size: a Python number or a scalar tensor on x's device (gets a gradient).
+        scale: the integer decimation factor s ≥ 1.
+
+    Registered as ``torch.ops.lorun_fast.gd_step_sr``; autograd for x, y and ρ.
+    """
+    _check_x(x, "(N, C, H, W) image")
+    _check_int("scale", scale, 1)
+    _check_tensor("kernel", kernel)
+    if kernel.dim() != 2 or kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
+        raise ValueError(f"kernel: expected a 2-D blur kernel with odd sizes, got shape {tuple(kernel.shape)}")
+    h, w = x.shape[-2:]
+    if h % scale or w % scale:
+        raise ValueError(f"x: image {h}×{w} is not a multiple of the scale {scale}; crop it first")
+    kh, kw = kernel.shape
+    if h <= kh // 2 or w <= kw // 2:
+        raise ValueError(f"x: image {h}×{w} is too small for a {kh}×{kw} kernel")
+    _check_y(y, x, (x.shape[0], x.shape[1], h // scale, w // scale), "(N, C, H/s, W/s)")
+    _check_device(x, y=y, kernel=kernel)
+    _check_fixed("kernel", kernel)
+    rho_t = _as_rho(rho, x)
+    z, _ = torch.ops.lorun_fast.gd_step_sr(x, y, kernel, rho_t, scale)
+    return z
