@@ -18,13 +18,14 @@ py="${PYTHON:-python3}"
 
 # 1. Correctness on the device: every kernel test compiled for the GPU (two tile configs each, one at 8 warps),
 #    the fused layer and model tests, and everything marked gpu.
-LORUN_FAST_TUNE=0 timeout 240 "$py" -m pytest tests/test_kernel_lora_conv.py tests/test_kernel_gd_step.py \
+LORUN_FAST_TUNE=0 timeout 200 "$py" -m pytest tests/test_kernel_lora_conv.py tests/test_kernel_gd_step.py \
     tests/test_fused_conv.py tests/test_reference_dun.py -q -rfEs --junitxml="$out/gpu-tests.xml" \
     > "$out/gpu-tests.log" 2>&1
 tests_rc=$?
 
-# 2. The benchmark report at full size (autotuned kernels), CS 25%, 9 stages; then bf16 kernels are in its rows.
-timeout 300 "$py" bench/run.py --stages 9 --out "$out/run" > "$out/run.log" 2>&1
+# 2. The benchmark report at full size (autotuned kernels), CS 25%, 9 stages, with the kernels' quick shapes
+#    (fp32/TF32 and bf16). The full kernel grids: bench/conv_layer.py and bench/gd_step.py, run on their own.
+timeout 260 "$py" bench/run.py --stages 9 --checkpointing --out "$out/run" > "$out/run.log" 2>&1
 run_rc=$?
 
 echo "== gpu_check: $(head -n 1 "$out/machine.txt") =="

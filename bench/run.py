@@ -223,7 +223,7 @@ def stage_sweep(operator, in_channels, stages: int, size: Size, device, dtype) -
     return rows
 
 
-def kernel_rows(device, reduced: bool) -> tuple[list[dict], list[str]]:
+def kernel_rows(device, quick: bool) -> tuple[list[dict], list[str]]:
     """The single-layer benchmarks' rows, converted to report rows; a benchmark that is missing or fails is said."""
     rows, notes = [], []
     for module_name, label in (("conv_layer", "lora-conv"), ("gd_step", "gd-step")):
@@ -233,7 +233,7 @@ def kernel_rows(device, reduced: bool) -> tuple[list[dict], list[str]]:
             notes.append(f"kernel benchmark {module_name} not available ({err})")
             continue
         try:
-            raw = module.run(device, quick=reduced)
+            raw = module.run(device, quick=quick)
         except Exception as err:  # noqa: BLE001 - one failing benchmark must not hide the others
             notes.append(f"kernel benchmark {module_name} failed: {type(err).__name__}: {err}")
             continue
@@ -254,6 +254,9 @@ def parse_args(argv=None):
     parser.add_argument("--full", action="store_true", help="full sizes even on a CPU (slow)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the 1..N stage sweep")
     parser.add_argument("--no-kernels", action="store_true", help="skip the single-kernel rows")
+    parser.add_argument("--kernel-grid", choices=("quick", "full"), default="quick",
+                        help="single-kernel shapes: quick (the NOTES.md shape; default) or the full grid of "
+                             "bench/conv_layer.py and bench/gd_step.py (minutes of autotuning on a GPU)")
     parser.add_argument("--out", default=str(REPO / "bench" / "out"), help="folder for results.json, report.md, plots")
     args = parser.parse_args(argv)
     if args.stages < 1:
@@ -299,12 +302,12 @@ def main(argv=None) -> int:
         if not args.no_sweep:
             rows += stage_sweep(operator, in_channels, args.stages, size, device, dtype)
         if not args.no_kernels:
-            k_rows, k_notes = kernel_rows(device, reduced)
+            k_rows, k_notes = kernel_rows(device, quick=args.kernel_grid == "quick")
             rows += k_rows
             notes += k_notes
     config = {"task": args.task, "stages": args.stages, "dtype": args.dtype, "device": str(device),
               "reduced": reduced, "size": asdict(size), "compile": args.compile,
-              "checkpointing": args.checkpointing, "seconds": round(time.perf_counter() - started, 1)}
+              "checkpointing": args.checkpointing, "kernel_grid": args.kernel_grid, "seconds": round(time.perf_counter() - started, 1)}
     results = report.assemble(info, config, notes, rows)
     report.validate(results)
     paths = report.write(results, Path(args.out))

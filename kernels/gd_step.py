@@ -109,6 +109,10 @@ def _row_cfg(bh, bw, warps):
     return triton.Config({"BLOCK_H": bh, "BLOCK_W": bw}, num_warps=warps, num_stages=1)
 
 
+# LORUN_FAST_TUNE=0 (the GPU test run) keeps two configs per kernel, one of them at 8 warps, so tests compile in
+# seconds (as in lora_conv); the interpreter path below ignores it.
+_TUNE = os.environ.get("LORUN_FAST_TUNE", "1").strip() != "0"
+
 if _INTERPRET:
     # One config each (autotuning in the interpreter would run every config), with large tiles: the interpreter's
     # cost is per operation, not per element. SPLIT_N = 2 with BLOCK_N = 128 over n = 1152 gives the second split an
@@ -118,6 +122,13 @@ if _INTERPRET:
     _CS1_CONFIGS = [_cs1_cfg(32, 128, 128, 4, 1)]
     _CASSI_CONFIGS = [_row_cfg(4, 64, 4)]
     _SR_CONFIGS = [_row_cfg(4, 32, 4)]
+elif not _TUNE:
+    # The CS entries come from the full lists below, the smallest footprint last (the pruners' fallback); the row
+    # kernels' 8-warp entry has BLOCK_W = 64, which the width pruner always keeps.
+    _CS2_CONFIGS = [_cs2_cfg(16, 32, 32, 2, 8, 3), _cs2_cfg(16, 16, 16, 1, 4, 1)]
+    _CS1_CONFIGS = [_cs1_cfg(64, 128, 32, 8, 3), _cs1_cfg(16, 64, 32, 4, 2)]
+    _CASSI_CONFIGS = [_row_cfg(1, 256, 4), _row_cfg(4, 64, 8)]
+    _SR_CONFIGS = [_row_cfg(1, 128, 4), _row_cfg(4, 64, 8)]
 else:
     # Short lists: autotuning compiles and times every entry once per key. The last entry of the CS lists is the
     # smallest footprint, kept by the pruners when nothing else fits (very large m with algorithm="two_gemm").

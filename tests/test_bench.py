@@ -260,3 +260,126 @@ def test_conv_layer_main_writes_report(tmp_path, capsys):
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["rows"] and report["machine"]["device"] == "cpu"
     assert (tmp_path / "report.md").read_text().startswith("# lorun_fast")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# gd_step
+# --------------------------------------------------------------------------------------------------------------------
+
+import gd_step  # noqa: E402
+from lorun_fast.reference import BlockCS  # noqa: E402
+
+
+def test_gd_step_counts_match_the_notes():
+    # Batch 16, 256², float32 (the NOTES.md "GD step" shape): CS 8×8 blocks of 33² per image, m = 272.
+    cs = gd_step.element_counts("cs", 16, 256)
+    assert cs == {"x": 16 * 256 * 256, "y": 16 * 64 * 272, "a": 272 * 1089}
+    assert gd_step.minimal_bytes("forward", cs, 4) == 4 * (2 * 1_048_576 + 278_528 + 296_208) == 10_687_552
+    # forward+backward: the residual route (r written and read back) is cheaper than re-reading x and y.
+    assert gd_step.minimal_bytes("forward+backward", cs, 4) == 4 * (4 * 1_048_576 + 4 * 278_528 + 2 * 296_208)
+    assert gd_step.minimal_bytes("forward+backward", {"x": 10, "y": 20, "a": 1}, 2) == 2 * (5 * 10 + 3 * 20 + 2)
+    assert gd_step.flop_count("cs", "fused-two-gemm", "forward", 16, 256) == 4 * 1024 * 1089 * 272 + 1024 * 272 \
+        + 2 * 1_048_576
+    assert gd_step.flop_count("cs", "fused-one-gemm", "forward", 16, 256) == 2 * 1024 * 1089 * 1361 + 2 * 1_048_576
+    gram = 2 * 1089 ** 2 * 272
+    ista = gram + 2 * 1024 * 1089 * 272 + 2 * 1024 * 1089 ** 2 + 4 * 1024 * 1089
+    assert gd_step.flop_count("cs", "ista-mm", "forward", 16, 256) == ista
+    assert gd_step.flop_count("cs", "ista-mm", "forward+backward", 16, 256) == 2 * ista - gram
+    cassi = gd_step.element_counts("cassi", 16, 256)
+    assert cassi == {"x": 16 * 28 * 65536, "y": 16 * 256 * 310, "a": 65536}
+    assert gd_step.minimal_bytes("forward", cassi, 4) == 240_222_208
+    assert gd_step.flop_count("cassi", "fused", "forward", 16, 256) == 5 * 16 * 28 * 65536 + 16 * 256 * 310
+    sr = gd_step.element_counts("sr", 16, 256)
+    assert sr == {"x": 16 * 3 * 65536, "y": 16 * 3 * 128 * 128, "a": 49}
+    assert gd_step.minimal_bytes("forward", sr, 4) == 4 * (2 * 3_145_728 + 786_432 + 49)
+    assert gd_step.flop_count("sr", "fused", "forward", 16, 256) == 98 * 786_432 + 786_432 + 34 * 3_145_728
+    assert gd_step.flop_count("sr", "eager", "forward+backward", 16, 256) \
+        == 2 * (196 * 3_145_728 + 786_432 + 2 * 3_145_728)
+
+
+def test_ista_mm_equals_the_reference_step_float64():
+    """ISTA-Net's x − ρ·x ΦᵀΦ + ρ·yΦ on unfolded blocks is the reference gd_step, padding and gradients included."""
+    op = BlockCS.gaussian(0.25, seed=3).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 40, 50, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = op.A(torch.rand(2, 1, 40, 50, generator=gen, dtype=torch.float64)).requires_grad_()
+    rho = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 1, 40, 50, generator=gen, dtype=torch.float64)
+    want = op.gd_step(x, y, rho)
+    got = gd_step.ista_mm_step(op, x, y, rho)
+    assert got.shape == want.shape == (2, 1, 40, 50)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, (x, y, rho), g), torch.autograd.grad(want, (x, y, rho), g)):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def _gd_quick_rows(**kw):
+    return gd_step.run(CPU, quick=True, rounds=1, warmup_ms=0, rep_ms=1, **kw)
+
+
+def test_gd_step_cpu_quick_rows():
+    rows = _gd_quick_rows()
+    expected = {(op, p, q) for op, names in gd_step.OP_PROVIDERS.items() for p in names for q in gd_step.PASSES}
+    assert {(r["op"], r["provider"], r["pass"]) for r in rows} == expected and len(rows) == len(expected)
+    for r in rows:
+        assert r["device"] == "cpu" and r["batch"] == 1 and r["precision"] == "fp32"
+        assert r["height"] == r["width"] == (66 if r["op"] == "cs" else 64)
+        assert r["bytes_min"] > 0 and r["flops"] > 0
+        if r["provider"].startswith("fused"):
+            assert r["status"] == "skipped: needs CUDA"
+            assert r["p50_ms"] is None and r["rel_err"] is None and r["t_over_eager"] is None
+            continue
+        assert r["status"] == "ok", r
+        assert 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"] and math.isfinite(r["p80_ms"])
+        assert r["rel_err"] is not None and r["rel_err"] < 1e-4  # fp32 IEEE vs float64
+        assert set(r["rel_errs"]) == ({"z"} if r["pass"] == "forward" else {"z", "dx", "dy", "drho"})
+        assert r["gbps"] > 0 and r["tflops"] > 0 and r["t_over_eager"] > 0
+        assert r["frac_hbm_measured"] is None and r["floor_ms"] is None  # no ceilings on a CPU
+        if r["pass"] == "forward+backward":
+            assert r["peak_mem_measure"] == "cpu-saved-for-backward" and r["peak_mem_bytes"] > 0
+        if r["provider"] == "eager":
+            assert r["t_over_eager"] == pytest.approx(1.0)
+    assert {r["provider"] for r in rows if r["op"] == "cs"} == {"eager", "ista-mm", "fused-two-gemm",
+                                                                "fused-one-gemm"}
+    assert all(r["m"] == 272 and r["ratio"] == 0.25 for r in rows if r["op"] == "cs")
+    assert all(r["bands"] == 28 for r in rows if r["op"] == "cassi")
+    assert all(r["scale"] == 2 for r in rows if r["op"] == "sr")
+    table = gd_step.format_table(rows)
+    assert "skipped: needs CUDA" in table and "ista-mm" in table
+    json.dumps(rows)
+
+
+def test_gd_step_wrong_provider_is_not_timed(monkeypatch):
+    real = gd_step.ista_mm_step
+    monkeypatch.setattr(gd_step, "ista_mm_step", lambda op, x, y, rho: real(op, x, y, rho) * 1.01)
+    rows = _gd_quick_rows(ops=["cs"], providers=["eager", "ista-mm"], passes=["forward"])
+    assert [r["provider"] for r in rows] == ["eager", "ista-mm"]
+    bad, good = rows[1], rows[0]
+    assert bad["status"].startswith("failed numerics") and bad["p50_ms"] is None and bad["rel_err"] > 1e-3
+    assert good["status"] == "ok" and good["p50_ms"] > 0
+
+
+def test_gd_step_fused_providers_through_the_interpreter():
+    """The fused providers' wiring (argument order, grads of x, y and ρ, numerics gate) on tiny shapes, interpreted.
+    fused-one-gemm differs from fused-two-gemm only by its algorithm string, and its interpreted run costs seconds
+    more, so it is left to tests/test_kernel_gd_step.py."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("exercises the CPU interpreter path only")
+    for op, side, names in (("cs", 33, ("fused-two-gemm",)), ("cassi", 8, ("fused",)), ("sr", 8, ("fused",))):
+        prob = gd_step.make_problem(op, side, 1, torch.float32, CPU)
+        ref = gd_step.reference(prob)
+        for name in names:
+            checked = gd_step.check_numerics(gd_step.make_provider(name, prob, "fp32"), prob, ref)
+            assert set(checked["forward+backward"]["errors"]) == {"z", "dx", "dy", "drho"}
+            for pass_ in gd_step.PASSES:
+                assert checked[pass_]["max"] < 1e-5, (op, name, pass_, checked[pass_])
+
+
+def test_gd_step_main_writes_report(tmp_path, capsys):
+    assert gd_step.main(["--quick", "--device", "cpu", "--ops", "sr", "--rounds", "1", "--rep-ms", "1",
+                         "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped: needs CUDA" in printed and "eager" in printed
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert {r["op"] for r in report["rows"]} == {"sr"} and report["machine"]["device"] == "cpu"
+    assert (tmp_path / "report.md").read_text().startswith("# lorun_fast")
