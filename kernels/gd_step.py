@@ -45,7 +45,6 @@ Running without a GPU: set ``TRITON_INTERPRET=1`` before importing this module (
 only Triton builtins (``tl.full``, not ``tl.zeros``/``tl.cdiv``), and bfloat16 dots are upcast in the interpreter.
 """
 import math
-import os
 import weakref
 from collections import OrderedDict
 from typing import Optional, Tuple
@@ -53,6 +52,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from lorun_fast.kernels.settings import INPUT_PRECISIONS, full_tuning, interpreting
 
 __all__ = [
     "gd_step_cs",
@@ -75,9 +76,8 @@ __all__ = [
 ]
 
 # Read once, like triton itself does when it decorates the kernels below.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+_INTERPRET = interpreting()
 
-INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 ALGORITHMS = ("auto", "one_gemm", "two_gemm")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -111,7 +111,7 @@ def _row_cfg(bh, bw, warps):
 
 # LORUN_FAST_TUNE=0 (the GPU test run) keeps two configs per kernel, one of them at 8 warps, so tests compile in
 # seconds (as in lora_conv); the interpreter path below ignores it.
-_TUNE = os.environ.get("LORUN_FAST_TUNE", "1").strip() != "0"
+_TUNE = full_tuning()
 
 if _INTERPRET:
     # One config each (autotuning in the interpreter would run every config), with large tiles: the interpreter's

@@ -23,12 +23,13 @@ with one fixed tile configuration instead of autotuning. The kernels call only T
 is imported, so they stay compiled-mode functions, and break an interpreted kernel, whenever triton was imported
 before the variable was set.
 """
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from lorun_fast.kernels.settings import INPUT_PRECISIONS, full_tuning, interpreting
 
 __all__ = [
     "fused_lora_conv2d",
@@ -40,9 +41,8 @@ __all__ = [
 ]
 
 # Read once, like triton itself does when it decorates the kernels below.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+_INTERPRET = interpreting()
 
-INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -55,7 +55,7 @@ def _cfg(bm, bn, bk, warps, stages):
 
 
 # LORUN_FAST_TUNE=0 (the GPU test run) keeps two configs, one of them at 8 warps, so tests compile in seconds.
-_TUNE = os.environ.get("LORUN_FAST_TUNE", "1").strip() != "0"
+_TUNE = full_tuning()
 
 if _INTERPRET:
     # Autotuning in the interpreter would run every config; 16-wide N/K tiles make the small test channel counts

@@ -15,23 +15,18 @@ move between the two unchanged) with three ways to compute a stage:
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorun_fast.kernels.settings import INPUT_PRECISIONS, interpreting
 from lorun_fast.reference import LoRAConv2d, check_stage, merged_conv
 
 __all__ = ["FusedLoRunConv", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "merged", "reference")
-INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _pair(value) -> tuple[int, int]:
@@ -158,7 +153,7 @@ class FusedLoRunConv(LoRAConv2d):
         self._check_input(x)
         backend = self.resolve_backend(x)
         if backend == "triton":
-            if not (x.is_cuda or _interpreting()):
+            if not (x.is_cuda or interpreting()):
                 raise RuntimeError("backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on a CPU); "
                                    f"x is on {x.device}")
             from lorun_fast.kernels.lora_conv import fused_lora_conv2d

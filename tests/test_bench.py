@@ -6,7 +6,6 @@ that the numerics gate works and that the scripts still run.
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 

@@ -1,0 +1,18 @@
+"""Environment switches and constants shared by the Triton kernels and their callers (imports no triton).
+
+- ``TRITON_INTERPRET=1``: run the kernels in Triton's interpreter on CPU tensors. Triton reads it when a kernel
+  is decorated, so it must be set before ``lorun_fast.kernels.lora_conv`` / ``.gd_step`` are imported.
+- ``LORUN_FAST_TUNE=0``: autotune over two configs per kernel (one at 8 warps) instead of the full lists, so that a
+  GPU test run compiles in seconds; benchmarks keep the default (full lists).
+"""
+import os
+
+INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def full_tuning() -> bool:
+    return os.environ.get("LORUN_FAST_TUNE", "1").strip() != "0"
