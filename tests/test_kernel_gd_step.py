@@ -205,10 +205,12 @@ def test_cs_shared_sampling_matrices(ratio):
         assert_fp32(f"z[{algorithm}]", z.double().cpu(), ref, scale)
 
 
-def test_cs_256_two_gemm_forward():
-    """The standard 256×256 test image size (8×8 blocks, 4 pixels of padding per side) with the default algorithm."""
+@pytest.mark.parametrize("side", [256, 512])
+def test_cs_standard_sizes_forward(side):
+    """The standard test image sizes (256: 8×8 blocks, 512: 16×16 blocks, both padded) with the default
+    algorithm."""
     op = _gaussian_cs(0.25, 3)
-    case = make_case(op, (1, 1, 256, 256), seed=256)
+    case = make_case(op, (1, 1, side, side), seed=side)
     z = gd_step_cs(case["x"].float().to(DEVICE), case["y"].float().to(DEVICE), op.phi.to(DEVICE), 0.7,
                    input_precision="ieee")
     ref = op.gd_step(case["x"], case["y"], 0.7)
