@@ -257,10 +257,15 @@ def parse_args(argv=None):
     parser.add_argument("--kernel-grid", choices=("quick", "full"), default="quick",
                         help="single-kernel shapes: quick (the NOTES.md shape; default) or the full grid of "
                              "bench/conv_layer.py and bench/gd_step.py (minutes of autotuning on a GPU)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (default 1: on a small shared machine OpenMP threads that spin "
+                             "against other processes made reduced runs 100× slower)")
     parser.add_argument("--out", default=str(REPO / "bench" / "out"), help="folder for results.json, report.md, plots")
     args = parser.parse_args(argv)
     if args.stages < 1:
         parser.error(f"--stages: expected a positive number of stages, got {args.stages}")
+    if args.threads < 1:
+        parser.error(f"--threads: expected ≥ 1, got {args.threads}")
     if args.task not in TASKS:
         parser.error(f"--task: expected one of {', '.join(TASKS)}, got {args.task!r}")
     if args.device is not None:
@@ -279,6 +284,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     reduced = device.type == "cpu" and not args.full
     size = REDUCED if reduced else FULL
@@ -289,7 +295,8 @@ def main(argv=None) -> int:
     if reduced:
         notes.append(f"CPU run at reduced sizes: {size.height}×{size.width}, ResUNet c={size.channels} "
                      f"nb={size.num_blocks}, batches {size.batches} (full: {FULL.height}×{FULL.width}, "
-                     f"c={FULL.channels} nb={FULL.num_blocks}, batches {FULL.batches}); host-clock timings; "
+                     f"c={FULL.channels} nb={FULL.num_blocks}, batches {FULL.batches}); host-clock timings on "
+                     f"{args.threads} thread(s); "
                      "memory = exact byte counts (parameters + gradients + Adam state + saved activations).")
     status = {name: "skipped: needs CUDA" for name in CUDA_ONLY if device.type != "cuda"}
     if status:
