@@ -1,0 +1,706 @@
+"""Training DUNs for block compressive sensing: the ``block``, ``shared`` and ``lorun`` strategies.
+
+``lorun`` trains in two phases (DESIGN.md §1):
+
+1. the base: by default the weight-tied (``shared``) K-stage DUN trained on the task for ``phase1_steps`` steps,
+   or a given checkpoint (``base``: a lorun_fast ``shared``/``base`` file, or one phase of a ``block`` model such as
+   a published ISTA-Net+ pickle, chosen with ``base_phase``);
+2. the base is frozen and only the per-stage adapters, the step sizes ``rho`` and any ``per_stage`` base parameters
+   are trained, end to end through all K stages.
+
+Everything is MSE on random crops of an image folder (Train400 by default: random crops, flips and rotations),
+measured on the fly with the task's Φ (zero-padded to whole 33×33 blocks, loss on the crop). Adam with a cosine
+schedule per phase, gradient clipping, float32 or bfloat16 autocast.
+
+The data are a pure function of ``(seed, step)``, learning rates of the step, and the adapters' initialisation of
+the seed, so a run stopped at any step and resumed (:meth:`Trainer.train` on the same folder) ends with exactly the
+weights an uninterrupted run ends with. Under ``torchrun`` (DistributedDataParallel, gloo on CPUs, NCCL on GPUs)
+every rank draws the same global batch and takes its slice: the averaged gradients are those of one process on the
+whole batch.
+
+A run folder holds::
+
+    config.json                       the TrainConfig
+    log.jsonl                         one JSON object per line: train / val / phase / resume / done events
+    last.json                         points at the newest complete checkpoint (written last, atomically)
+    checkpoints/step-NNNNNNN.safetensors  the model being trained (kind "model")
+    checkpoints/step-NNNNNNN.state.pt     optimizer state, step, phase, RNG state, training time
+    base.safetensors                  lorun: the frozen base (a complete shared DUN)
+    adapters-<name>.safetensors       lorun: the trained adapter set
+    model.safetensors                 the final model in one file
+    summary.json                      steps, training time, parameter counts, last validation
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lorun_fast.checkpoints import (import_ista_net_plus, load_dun, save_adapters, save_base, save_dun)
+from lorun_fast.io import atomic_write_bytes, atomic_write_text, data_root, list_images, read_gray
+from lorun_fast.models import ModelConfig, base_of, build_dun, lorun_from, shared_from_block, to_fast
+from lorun_fast.reference import STRATEGIES, BlockCS, DUN
+
+__all__ = ["TrainConfig", "PatchSampler", "Trainer", "operator_from_task", "lr_at", "ddp_gradients", "run_training",
+           "read_log"]
+
+PRECISIONS = ("float32", "bfloat16")
+TRAIN_BACKENDS = ("auto", "reference", "merged", "triton")
+STATE_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The task: which Φ
+# ----------------------------------------------------------------------------------------------------------------
+def operator_from_task(task: dict) -> BlockCS:
+    """The block-CS operator of a task dict: ``{"ratio": 25}`` (ISTA-Net's Φ and Qinit under the data folder),
+    ``{"phi": path, "qinit": path or None}``, or ``{"gaussian_ratio": 0.25, "seed": 0}`` (a seeded Gaussian Φ)."""
+    if not isinstance(task, dict):
+        raise ValueError(f"task: expected a dict, got {type(task).__name__}")
+    if task.get("phi"):
+        return BlockCS.from_mat(task["phi"], task.get("qinit"))
+    if task.get("gaussian_ratio") is not None:
+        return BlockCS.gaussian(float(task["gaussian_ratio"]), seed=int(task.get("seed", 0)))
+    if task.get("ratio") is not None:
+        folder = data_root() / "cs_sampling"
+        phi = folder / f"phi_0_{int(task['ratio'])}_1089.mat"
+        qinit = folder / f"Initialization_Matrix_{int(task['ratio'])}.mat"
+        if not phi.is_file():
+            raise FileNotFoundError(f"ratio {task['ratio']}: no sampling matrix {phi} (set LORUN_DATA, or give "
+                                    f"--phi / --gaussian)")
+        return BlockCS.from_mat(phi, qinit if qinit.is_file() else None)
+    raise ValueError(f"task: expected 'ratio', 'phi' or 'gaussian_ratio', got {sorted(task)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as ``config.json`` in the run folder."""
+
+    # model
+    strategy: str = "lorun"
+    num_stages: int = 9
+    backbone: str = "resunet"
+    backbone_kwargs: dict = field(default_factory=lambda: {"channels": 16, "num_blocks": 1})
+    rank: int | None = None
+    gamma: float = 10.0
+    alpha: float | None = None
+    targets: list = field(default_factory=lambda: ["*"])
+    per_stage: list = field(default_factory=list)
+    # task: ISTA-Net's matrices for `ratio` (default), explicit files, or a seeded Gaussian Φ at `ratio`
+    ratio: int | None = 25
+    phi: str | None = None
+    qinit: str | None = None
+    gaussian_seed: int | None = None
+    # lorun: the base (phase 1) — trained here for phase1_steps, or read from a checkpoint
+    base: str | None = None
+    base_phase: int | None = None
+    steps: int = 1000
+    phase1_steps: int | None = None
+    # data
+    train_images: str | None = None
+    val_images: str | None = None
+    val_every: int = 0
+    val_limit: int | None = None
+    crop: int = 66
+    batch_size: int = 8
+    augment: bool = True
+    # optimisation
+    lr: float = 1e-3
+    lr_phase2: float | None = None
+    min_lr_ratio: float = 0.01
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    precision: str = "float32"
+    backend: str = "auto"
+    # bookkeeping
+    log_every: int = 10
+    checkpoint_every: int = 100
+    adapter_name: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"train config: unknown fields {unknown}")
+        return cls(**data)
+
+    # -- derived values -------------------------------------------------------------------------------------------
+    def task(self) -> dict:
+        if self.phi:
+            return {"phi": str(Path(self.phi).absolute()),
+                    "qinit": str(Path(self.qinit).absolute()) if self.qinit else None}
+        if self.gaussian_seed is not None:
+            return {"gaussian_ratio": self.ratio / 100, "seed": self.gaussian_seed}
+        return {"ratio": self.ratio}
+
+    def resolved_phase1_steps(self) -> int:
+        """Steps of phase 1: all of them for block/shared; for lorun ``phase1_steps`` (default half the steps, 0
+        when a base is given)."""
+        if self.strategy != "lorun":
+            return self.steps
+        if self.base:
+            return 0
+        return self.steps // 2 if self.phase1_steps is None else self.phase1_steps
+
+    def resolved_adapter_name(self) -> str:
+        if self.adapter_name:
+            return self.adapter_name
+        return f"cs{self.ratio}" if self.ratio is not None and not self.phi else "default"
+
+    def model_config(self, strategy: str | None = None) -> ModelConfig:
+        strategy = strategy or self.strategy
+        lorun = strategy == "lorun"
+        return ModelConfig(strategy=strategy, num_stages=self.num_stages, backbone=self.backbone,
+                           backbone_kwargs=dict(self.backbone_kwargs), rank=self.rank if lorun else None,
+                           gamma=self.gamma, alpha=self.alpha if lorun else None, targets=tuple(self.targets),
+                           per_stage=tuple(self.per_stage) if lorun else ())
+
+    def validate(self) -> "TrainConfig":
+        def need(ok, message):
+            if not ok:
+                raise ValueError(message)
+
+        need(self.strategy in STRATEGIES, f"strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
+        for name in ("num_stages", "steps", "batch_size", "crop", "log_every"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"{name}: expected a positive int, got {value!r}")
+        for name in ("val_every", "checkpoint_every", "warmup_steps"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 0, f"{name}: expected an int ≥ 0, got {value!r}")
+        need(self.crop >= 8, f"crop: expected at least 8 pixels, got {self.crop}")
+        need(self.lr > 0 and (self.lr_phase2 is None or self.lr_phase2 > 0), "lr: expected > 0")
+        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio: expected in [0, 1], got {self.min_lr_ratio}")
+        need(self.grad_clip is None or self.grad_clip >= 0, f"grad_clip: expected ≥ 0, got {self.grad_clip}")
+        need(self.precision in PRECISIONS, f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
+        need(self.backend in TRAIN_BACKENDS, f"backend: expected one of {TRAIN_BACKENDS}, got {self.backend!r}")
+        need(not (self.precision == "bfloat16" and self.backend in ("merged", "triton")),
+             "backend: the fused LoRA layers run in one dtype; with bfloat16 autocast use backend 'auto' or "
+             "'reference'")
+        need(self.phi is not None or self.ratio is not None, "task: give a ratio (percent) or a phi file")
+        need(self.ratio is None or 0 < self.ratio <= 100, f"ratio: expected a percentage in (0, 100], got "
+                                                            f"{self.ratio}")
+        need(self.gaussian_seed is None or self.ratio is not None, "gaussian_seed: needs a ratio")
+        need(self.qinit is None or self.phi is not None, "qinit: needs phi")
+        if self.strategy != "lorun":
+            need(self.base is None, f"base: only the lorun strategy takes a base, not {self.strategy!r}")
+            need(not self.per_stage, "per_stage: only the lorun strategy has per-stage base parameters")
+            need(self.phase1_steps is None, "phase1_steps: only lorun has two phases")
+        else:
+            if self.base:
+                need(self.phase1_steps in (None, 0), "phase1_steps: with a given base there is no phase 1")
+            else:
+                p1 = self.resolved_phase1_steps()
+                need(0 < p1 < self.steps, f"phase1_steps: lorun needs 0 < phase1_steps < steps ({self.steps}), "
+                                          f"got {p1} (or give a base)")
+        need(self.base_phase is None or self.base, "base_phase: needs a base")
+        if self.val_images is not None and self.val_every:
+            need(self.val_limit is None or self.val_limit >= 1, "val_limit: expected ≥ 1")
+        ModelConfig(**{**self.model_config().to_dict()})  # the model part is valid
+        return self
+
+
+def lr_at(step: int, start: int, end: int, lr: float, warmup: int = 0, min_ratio: float = 0.0) -> float:
+    """The learning rate of global ``step`` in a phase spanning steps [start, end): linear warm-up over ``warmup``
+    steps, then a cosine from ``lr`` down to ``lr·min_ratio`` at the phase's last step."""
+    t, total = step - start, max(1, end - start)
+    warmup = min(warmup, total - 1)
+    if t < warmup:
+        return lr * (t + 1) / warmup
+    span = max(1, total - 1 - warmup)
+    progress = min(1.0, (t - warmup) / span)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+class PatchSampler:
+    """Random crops (with the 8 flips/rotations) of images held in memory, a pure function of ``(seed, step)``."""
+
+    def __init__(self, images: list[np.ndarray], crop: int, batch_size: int, seed: int = 0, augment: bool = True,
+                 names: list[str] | None = None):
+        if not images:
+            raise ValueError("train images: none given")
+        small = [(names[i] if names else str(i), im.shape) for i, im in enumerate(images)
+                 if im.shape[0] < crop or im.shape[1] < crop]
+        if small:
+            raise ValueError(f"crop: {crop}×{crop} is larger than {len(small)} training image(s), e.g. "
+                             f"{small[0][0]} of size {small[0][1][0]}×{small[0][1][1]}; use a smaller --crop")
+        self.images, self.crop, self.batch_size, self.seed, self.augment = images, crop, batch_size, seed, augment
+
+    @classmethod
+    def from_folder(cls, folder, crop: int, batch_size: int, seed: int = 0, augment: bool = True) -> "PatchSampler":
+        paths = list_images(folder)
+        return cls([read_gray(p) for p in paths], crop, batch_size, seed, augment, [p.name for p in paths])
+
+    def batch(self, step: int) -> torch.Tensor:
+        """The global batch of ``step``: (batch_size, 1, crop, crop) float32 in [0, 1]."""
+        rng = np.random.default_rng([self.seed, step])
+        c = self.crop
+        patches = []
+        for index in rng.integers(len(self.images), size=self.batch_size):
+            image = self.images[index]
+            top = rng.integers(image.shape[0] - c + 1)
+            left = rng.integers(image.shape[1] - c + 1)
+            k = int(rng.integers(8))
+            patch = image[top:top + c, left:left + c]
+            if self.augment:
+                patch = np.rot90(patch, k % 4)
+                if k >= 4:
+                    patch = patch[:, ::-1]
+            patches.append(np.ascontiguousarray(patch))
+        return torch.from_numpy(np.stack(patches)[:, None].astype(np.float32) / 255.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logs
+# ----------------------------------------------------------------------------------------------------------------
+def read_log(path) -> list[dict]:
+    """The events of a ``log.jsonl`` (a torn last line, from a crash mid-write, is skipped)."""
+    events = []
+    path = Path(path)
+    if not path.is_file():
+        return events
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, stream: int):
+    """Run a block under torch's global generator seeded from (seed, stream), restoring its state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(np.random.SeedSequence([seed, stream]).generate_state(1)[0]))
+        yield
+
+
+def _torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------------------------
+class Trainer:
+    """One training run in ``run_dir`` (see the module docstring for the layout).
+
+    ``rank``/``world_size`` > 1 need an initialised ``torch.distributed`` process group; only rank 0 writes files.
+    """
+
+    def __init__(self, config: TrainConfig, run_dir, *, device: str | torch.device | None = None, rank: int = 0,
+                 world_size: int = 1, quiet: bool = False):
+        self.config = config.validate()
+        self.run_dir = Path(run_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.rank, self.world_size = rank, world_size
+        self.distributed = world_size > 1
+        if config.batch_size % world_size:
+            raise ValueError(f"batch_size: {config.batch_size} is not divisible by the {world_size} processes")
+        self.quiet = quiet or rank != 0
+        self.task = config.task()
+        self.operator = operator_from_task(self.task)
+        train_images = config.train_images or str(data_root() / "Train400")
+        self.sampler = PatchSampler.from_folder(train_images, config.crop, config.batch_size, config.seed,
+                                                config.augment)
+        self.val_images = None
+        if config.val_images and config.val_every:
+            self.val_images = list_images(config.val_images)[: config.val_limit]
+        self.phase1_steps = config.resolved_phase1_steps()
+        self.step = 0
+        self.phase = 0
+        self.model: DUN | None = None
+        self.train_seconds = 0.0
+        self.stop_requested = False
+        self.last_val: dict | None = None
+
+    # -- phases --------------------------------------------------------------------------------------------------
+    def phase_range(self, phase: int) -> tuple[int, int]:
+        if self.config.strategy != "lorun":
+            return 0, self.config.steps
+        return (0, self.phase1_steps) if phase == 1 else (self.phase1_steps, self.config.steps)
+
+    def phase_lr(self, phase: int) -> float:
+        if phase == 2 and self.config.lr_phase2 is not None:
+            return self.config.lr_phase2
+        return self.config.lr
+
+    def lr(self, step: int) -> float:
+        start, end = self.phase_range(self.phase)
+        return lr_at(step, start, end, self.phase_lr(self.phase), self.config.warmup_steps, self.config.min_lr_ratio)
+
+    def _load_base(self) -> DUN:
+        """The frozen base of a lorun run given ``base``: a shared DUN."""
+        cfg = self.config
+        path = Path(cfg.base)
+        if path.suffix == ".safetensors":
+            model = load_dun(path, self.operator)
+        else:
+            model = import_ista_net_plus(path, self.operator)
+        if model.strategy == "block":
+            if cfg.base_phase is None:
+                raise ValueError(f"base: {path} is a {model.num_stages}-stage block model; choose the stage to use "
+                                 f"as the shared base with base_phase (--base-phase 0..{model.num_stages - 1})")
+            model = shared_from_block(model, cfg.base_phase, cfg.num_stages)
+        elif model.strategy == "lorun":
+            model = base_of(model)
+        elif cfg.base_phase is not None:
+            raise ValueError(f"base_phase: {path} holds a shared DUN, which has no phases to choose from")
+        if model.num_stages != cfg.num_stages:
+            raise ValueError(f"base: {path} has {model.num_stages} stages; the run asks for {cfg.num_stages}")
+        return model
+
+    def _install(self, model: DUN, phase: int) -> None:
+        """Make ``model`` the one being trained: device, fast layers, DDP, a fresh Adam over its trainable part."""
+        cfg = self.config
+        model = model.to(self.device, torch.float32).train()
+        if model.strategy == "lorun" and cfg.backend != "reference" and cfg.precision == "float32":
+            model = to_fast(model, backend=cfg.backend).train()
+        self.model, self.phase = model, phase
+        self.train_model = model
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(model, device_ids=ids)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=self.phase_lr(phase), weight_decay=cfg.weight_decay)
+
+    def _enter_phase2(self, base: DUN) -> None:
+        cfg = self.config
+        with _seeded(cfg.seed, 2):
+            lorun = lorun_from(base_of(base), rank=cfg.rank, gamma=cfg.gamma, alpha=cfg.alpha,
+                               targets=tuple(cfg.targets), per_stage=tuple(cfg.per_stage))
+        if self.rank == 0:
+            save_base(lorun, self.run_dir / "base.safetensors", self.task)
+        self._install(lorun, 2)
+        self._log({"event": "phase", "phase": 2, "step": self.step,
+                   "parameters": self.model.parameter_counts()})
+
+    def _initial_model(self) -> None:
+        cfg = self.config
+        if cfg.strategy == "lorun" and cfg.base:
+            self._enter_phase2(self._load_base())
+            return
+        strategy = "shared" if cfg.strategy == "lorun" else cfg.strategy
+        with _seeded(cfg.seed, 1):
+            model = build_dun(self.operator, cfg.model_config(strategy))
+        self._install(model, 1)
+        self._log({"event": "phase", "phase": 1, "step": 0, "parameters": self.model.parameter_counts()})
+
+    # -- one step ------------------------------------------------------------------------------------------------
+    def local_batch(self, step: int) -> torch.Tensor:
+        x = self.sampler.batch(step)
+        per = x.shape[0] // self.world_size
+        return x[self.rank * per:(self.rank + 1) * per].to(self.device)
+
+    def loss(self, step: int) -> torch.Tensor:
+        """MSE of the reconstruction of this rank's slice of the batch of ``step``."""
+        x = self.local_batch(step)
+        h, w = x.shape[-2:]
+        hp, wp = self.operator.padded_size((h, w))
+        padded = F.pad(x, (0, wp - w, 0, hp - h))
+        with torch.no_grad():
+            y = self.model.operator.A(padded)
+        bf16 = self.config.precision == "bfloat16"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            x_hat = self.train_model(y, (hp, wp))
+        return F.mse_loss(x_hat.float()[..., :h, :w], x)
+
+    def gradients(self, step: int | None = None) -> dict[str, torch.Tensor]:
+        """The (all-reduced) gradients of the batch of ``step`` (default: the next step) for the run in ``run_dir``
+        as the training loop would compute them next (a fresh run, or the one its last checkpoint continues)."""
+        if self.model is None:
+            self.prepare(resume=True)
+        step = self.step if step is None else step
+        if self.config.strategy == "lorun" and self.phase == 1 and step >= self.phase1_steps:
+            self._enter_phase2(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss(step).backward()
+        return {name: p.grad.detach().clone() for name, p in self.model.named_parameters() if p.grad is not None}
+
+    def _train_step(self) -> tuple[float, float]:
+        lr = self.lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(self.step)
+        loss.backward()
+        clip = self.config.grad_clip if self.config.grad_clip else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        if not math.isfinite(norm):
+            raise FloatingPointError(f"step {self.step}: the gradient norm is {norm} (loss {float(loss):.3g}); lower "
+                                     f"--lr or set --grad-clip")
+        self.optimizer.step()
+        return float(loss.detach()), norm
+
+    # -- files ---------------------------------------------------------------------------------------------------
+    def _log(self, event: dict) -> None:
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        event = {**event, "time": round(time.time(), 3)}
+        with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(event) + "\n")
+            handle.flush()
+
+    def has_checkpoint(self) -> bool:
+        return (self.run_dir / "last.json").is_file()
+
+    def save_checkpoint(self) -> None:
+        """Weights, then optimizer/RNG state, then ``last.json`` pointing at both: each write is atomic and the
+        pointer moves last, so a crash at any moment leaves the previous checkpoint complete and in use."""
+        if self.rank != 0:
+            return
+        folder = self.run_dir / "checkpoints"
+        tag = f"step-{self.step:07d}"
+        save_dun(self.model, folder / f"{tag}.safetensors", self.task)
+        state = {"format": STATE_FORMAT, "step": self.step, "phase": self.phase,
+                 "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "train_seconds": self.train_seconds, "last_val": json.dumps(self.last_val)}
+        atomic_write_bytes(folder / f"{tag}.state.pt", _torch_bytes(state))
+        atomic_write_text(self.run_dir / "last.json", json.dumps(
+            {"step": self.step, "phase": self.phase, "weights": f"checkpoints/{tag}.safetensors",
+             "state": f"checkpoints/{tag}.state.pt"}, indent=1) + "\n")
+        for old in folder.glob("step-*"):
+            if not old.name.startswith(tag + "."):
+                old.unlink(missing_ok=True)
+
+    def _resume(self) -> None:
+        pointer = self.run_dir / "last.json"
+        try:
+            last = json.loads(pointer.read_text(encoding="utf-8"))
+            weights, state_path = self.run_dir / last["weights"], self.run_dir / last["state"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"resume: {pointer} is corrupt ({type(err).__name__}: {err})") from err
+        model = load_dun(weights, self.operator)
+        if not state_path.is_file():
+            raise FileNotFoundError(f"resume: {state_path} (named by {pointer}) does not exist")
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"resume: {state_path} is not a readable training state ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''})") from err
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("step") != last["step"]:
+            raise ValueError(f"resume: {state_path} does not belong to step {last['step']} of {pointer}")
+        expected = "lorun" if state["phase"] == 2 else ("shared" if self.config.strategy == "lorun"
+                                                       else self.config.strategy)
+        if model.strategy != expected:
+            raise ValueError(f"resume: {weights} holds a {model.strategy!r} DUN; phase {state['phase']} of this run "
+                             f"trains a {expected!r} one")
+        self.step = int(state["step"])
+        self._install(model, int(state["phase"]))
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"resume: the optimizer state in {state_path} does not fit the model ({err})") from err
+        torch.set_rng_state(state["torch_rng"])
+        self.train_seconds = float(state["train_seconds"])
+        self.last_val = json.loads(state.get("last_val", "null"))
+        if self.rank == 0:  # events after the checkpoint are redone: drop them from the log
+            kept = [e for e in read_log(self.run_dir / "log.jsonl") if e.get("step", 0) < self.step
+                    or (e.get("step", 0) == self.step and e.get("event") != "phase")]
+            atomic_write_text(self.run_dir / "log.jsonl", "".join(json.dumps(e) + "\n" for e in kept))
+        self._log({"event": "resume", "step": self.step, "phase": self.phase})
+
+    def prepare(self, resume: bool = True) -> None:
+        """Resume from ``run_dir``'s last checkpoint when there is one (and ``resume``), else start fresh."""
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume and self.has_checkpoint():
+            self._resume()
+            return
+        if self.rank == 0:
+            atomic_write_text(self.run_dir / "config.json", json.dumps(self.config.to_dict(), indent=1) + "\n")
+            (self.run_dir / "log.jsonl").unlink(missing_ok=True)
+        self._log({"event": "start", "config": self.config.to_dict(), "task": self.task,
+                   "world_size": self.world_size, "device": str(self.device), "torch": torch.__version__})
+        self._initial_model()
+
+    def validate(self) -> dict | None:
+        """Mean PSNR/SSIM with the ISTA-Net protocol on the validation images (rank 0)."""
+        if self.rank != 0 or not self.val_images:
+            return None
+        from lorun_fast.evaluate import evaluate_cs, mean_scores
+
+        results = evaluate_cs(self.model, self.val_images, device=str(self.device))
+        self.model.train()
+        psnr, ssim = mean_scores(results)
+        self.last_val = {"step": self.step, "psnr": psnr, "ssim": ssim}
+        self._log({"event": "val", **self.last_val, "images": len(results)})
+        return self.last_val
+
+    def _finish(self) -> dict:
+        cfg = self.config
+        summary = {"strategy": cfg.strategy, "steps": self.step, "train_seconds": self.train_seconds,
+                   "phase1_steps": self.phase1_steps if cfg.strategy == "lorun" else None,
+                   "parameters": self.model.parameter_counts(), "last_val": self.last_val, "files": ["model.safetensors"]}
+        if self.rank == 0:
+            save_dun(self.model, self.run_dir / "model.safetensors", self.task)
+            if self.model.strategy == "lorun":
+                name = f"adapters-{cfg.resolved_adapter_name()}.safetensors"
+                save_adapters(self.model, self.run_dir / name, cfg.resolved_adapter_name(), self.task)
+                summary["files"] += ["base.safetensors", name]
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+        self._log({"event": "done", "step": self.step, "train_seconds": self.train_seconds})
+        return summary
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def train(self, stop_at: int | None = None, resume: bool = True) -> dict | None:
+        """Train to ``config.steps`` (returns the summary) or until ``stop_at`` / ``stop_requested`` (saves a
+        checkpoint and returns None)."""
+        cfg = self.config
+        if self.model is None:
+            self.prepare(resume)
+        if self.step >= cfg.steps:
+            if self.rank == 0 and not (self.run_dir / "summary.json").is_file():
+                return self._finish()
+            return json.loads((self.run_dir / "summary.json").read_text()) if self.rank == 0 else None
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.quiet, desc=f"{cfg.strategy}", unit="step",
+                   dynamic_ncols=True)
+        try:
+            while self.step < cfg.steps:
+                if cfg.strategy == "lorun" and self.phase == 1 and self.step >= self.phase1_steps:
+                    self._enter_phase2(self.model)
+                start = time.perf_counter()
+                loss, norm = self._train_step()
+                self.train_seconds += time.perf_counter() - start
+                self.step += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    if self.distributed:
+                        import torch.distributed as dist
+
+                        total = torch.tensor([loss], device=self.device)
+                        dist.all_reduce(total)
+                        loss = float(total) / self.world_size
+                    psnr = -10 * math.log10(max(loss, 1e-12))
+                    event = {"event": "train", "step": self.step, "phase": self.phase, "loss": loss, "psnr": psnr,
+                             "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": norm,
+                             "train_seconds": round(self.train_seconds, 3)}
+                    self._log(event)
+                    bar.set_postfix(phase=self.phase, loss=f"{loss:.2e}", psnr=f"{psnr:.2f}", lr=f"{event['lr']:.1e}")
+                if cfg.val_every and self.step % cfg.val_every == 0 and self.step < cfg.steps:
+                    val = self.validate()
+                    if val is not None:
+                        bar.write(f"step {self.step}: validation PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}")
+                phase_end = cfg.strategy == "lorun" and self.phase == 1 and self.step == self.phase1_steps
+                if self.distributed:  # a signal may reach the ranks at different steps: stop together
+                    import torch.distributed as dist
+
+                    flag = torch.tensor([float(self.stop_requested)], device=self.device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    self.stop_requested = bool(flag.item())
+                stop = self.stop_requested or (stop_at is not None and self.step >= stop_at)
+                periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                if periodic or phase_end or stop or self.step == cfg.steps:
+                    self.save_checkpoint()
+                if stop and self.step < cfg.steps:
+                    self._log({"event": "stopped", "step": self.step})
+                    return None
+        finally:
+            bar.close()
+        if cfg.val_every and self.val_images:
+            self.validate()
+        return self._finish()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed helpers
+# ----------------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, config: dict, run_dir: str, step: int | None,
+                out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        trainer = Trainer(TrainConfig.from_dict(config), run_dir, device="cpu", rank=rank, world_size=world_size,
+                          quiet=True)
+        grads = trainer.gradients(step)
+        if rank == 0:
+            torch.save(grads, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_gradients(config: TrainConfig, run_dir, world_size: int = 2, step: int | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """The gradients DistributedDataParallel computes with ``world_size`` CPU processes (gloo) for the next step of
+    the run in ``run_dir`` (see :meth:`Trainer.gradients`): they must equal one process's on the whole batch."""
+    import torch.multiprocessing as mp
+
+    out = Path(run_dir) / "ddp_gradients.pt"
+    mp.spawn(_ddp_worker, args=(world_size, _free_port(), config.to_dict(), str(run_dir), step, str(out)),
+             nprocs=world_size, join=True)
+    return torch.load(out, weights_only=True)
+
+
+def run_training(config: TrainConfig, run_dir, *, device: str | None = None, resume: bool = False,
+                 stop_at: int | None = None, quiet: bool = False, install_signal_handlers: bool = False):
+    """Train in this process, or as one rank of ``torchrun`` (it sets WORLD_SIZE, RANK and LOCAL_RANK)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    distributed = world_size > 1
+    if distributed:
+        import torch.distributed as dist
+
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+            device = f"cuda:{local_rank}"
+        else:
+            device = "cpu"
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        trainer = Trainer(config, run_dir, device=device, rank=rank, world_size=world_size, quiet=quiet)
+        if install_signal_handlers:
+            import signal
+
+            def request_stop(signum, frame):
+                trainer.stop_requested = True
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, request_stop)
+        return trainer, trainer.train(stop_at=stop_at, resume=resume)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
