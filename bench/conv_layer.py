@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -59,7 +58,6 @@ TOLERANCE = {"fp32": 1e-4, "tf32": 5e-3, "bf16": 3e-2, "fp16": 1e-2}
 GAMMA = 10.0
 KSIZE = 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 @dataclass(frozen=True)
@@ -243,34 +241,23 @@ def reference(prob: Problem, lora: bool) -> dict[str, torch.Tensor]:
     return {"y": y.detach(), "dx": dx, "dW": dw}
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.detach()
-    err = float((out.detach().double() - ref).norm() / ref.norm().clamp_min(1e-300))
-    return err if math.isfinite(err) else math.inf
-
-
 def check_numerics(provider: Provider, prob: Problem, ref: dict[str, torch.Tensor]) -> dict[str, dict]:
     """Per pass: {"errors": {tensor: rel err}, "max": largest}."""
     with torch.no_grad():
         y = provider.forward(prob.x)
-    forward_errors = {"y": rel_err(y, ref["y"])}
+    forward_errors = {"y": harness.rel_err(y, ref["y"])}
     del y
     xg = prob.x.detach().requires_grad_()
     y = provider.forward(xg)
     grads = torch.autograd.grad(y, (xg, *provider.params), prob.dy)
-    train_errors = {"y": rel_err(y, ref["y"])}
-    train_errors.update({name: rel_err(g, ref[name]) for name, g in zip(provider.grad_names, grads)})
-    return {"forward": {"errors": forward_errors, "max": max(forward_errors.values())},
-            "forward+backward": {"errors": train_errors, "max": max(train_errors.values())}}
+    train_errors = {"y": harness.rel_err(y, ref["y"])}
+    train_errors.update({name: harness.rel_err(g, ref[name]) for name, g in zip(provider.grad_names, grads)})
+    return harness.numerics_summary(forward_errors, train_errors)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # The benchmark
 # --------------------------------------------------------------------------------------------------------------------
-
-def _pick(value, default):
-    return tuple(value) if value is not None else default
-
 
 def run(device, quick: bool, *, channels: Sequence[int] | None = None, hw: Sequence[int] | None = None,
         batches: Sequence[int] | None = None, dtypes: Sequence[str] | None = None, rounds: int | None = None,
@@ -288,16 +275,12 @@ def run(device, quick: bool, *, channels: Sequence[int] | None = None, hw: Seque
     device = torch.device(device)
     cuda = device.type == "cuda"
     preset = (GPU_QUICK if quick else GPU_FULL) if cuda else (CPU_QUICK if quick else CPU_FULL)
-    sizes = Sizes(_pick(channels, preset.channels), _pick(hw, preset.hw), _pick(batches, preset.batches),
-                  _pick(dtypes, preset.dtypes), rounds or preset.rounds,
+    sizes = Sizes(harness.pick(channels, preset.channels), harness.pick(hw, preset.hw),
+                  harness.pick(batches, preset.batches), harness.pick(dtypes, preset.dtypes), rounds or preset.rounds,
                   preset.warmup_ms if warmup_ms is None else warmup_ms, preset.rep_ms if rep_ms is None else rep_ms)
     names = tuple(providers) if providers is not None else PROVIDERS
-    for name in names:
-        if name not in PROVIDERS:
-            raise ValueError(f"providers: unknown {name!r}; expected some of {PROVIDERS}")
-    for d in sizes.dtypes:
-        if d not in DTYPES:
-            raise ValueError(f"dtypes: unknown {d!r}; expected some of {tuple(DTYPES)}")
+    harness.check_known("providers", names, PROVIDERS)
+    harness.check_known("dtypes", sizes.dtypes, DTYPES)
 
     gpu = torch.cuda.get_device_name(device) if cuda else None
     hbm = harness.hbm_bandwidth(device) if cuda else None
@@ -320,9 +303,9 @@ def run(device, quick: bool, *, channels: Sequence[int] | None = None, hw: Seque
 
 def _error_rows(device, gpu, names, c, side, nb, dtype_name, exc) -> list[dict]:
     """Rows for a shape that could not be set up at all (the message says why)."""
-    message = f"error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+    message = harness.error_status(exc)
     rank = lora_rank(c, c, GAMMA)
-    precision = ("tf32" if device.type == "cuda" else "fp32") if dtype_name == "float32" else DTYPE_SHORT[dtype_name]
+    precision = harness.precision_key(dtype_name, tf32=device.type == "cuda")
     keys = ("rel_err", "rel_errs", "tol", "p50_ms", "p20_ms", "p80_ms", "n", "round_spread", "bytes_min", "flops",
             "gbps", "frac_hbm_measured", "frac_hbm_datasheet", "tflops", "frac_peak_flops", "floor_ms", "frac_floor",
             "peak_mem_bytes", "peak_mem_measure", "device_used_bytes", "t_over_conv", "t_over_unfused",
@@ -337,7 +320,7 @@ def _error_rows(device, gpu, names, c, side, nb, dtype_name, exc) -> list[dict]:
 def _run_shape(device, gpu, hbm, names, c, side, nb, dtype_name, sizes: Sizes, verbose) -> list[dict]:
     cuda = device.type == "cuda"
     dtype = DTYPES[dtype_name]
-    precision = ("tf32" if cuda else "fp32") if dtype == torch.float32 else DTYPE_SHORT[dtype_name]
+    precision = harness.precision_key(dtype_name, tf32=cuda)
     rank = lora_rank(c, c, GAMMA)
     elem = torch.empty((), dtype=dtype).element_size()
     if verbose:
@@ -382,63 +365,23 @@ def _run_shape(device, gpu, hbm, names, c, side, nb, dtype_name, sizes: Sizes, v
                 refs[lora] = reference(prob, lora)
             checked = check_numerics(provider, prob, refs[lora])
         except Exception as exc:  # noqa: BLE001 - one broken provider must not stop the others
-            set_status(name, f"error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
+            set_status(name, harness.error_status(exc))
             continue
-        base_tol = TOLERANCE[precision]
-        for pass_ in PASSES:
-            row = rows[(name, pass_)]
-            tol = base_tol
-            merged_row = rows.get(("merged-cudnn", pass_))
-            if name == "fused-triton" and merged_row is not None and merged_row["rel_err"] is not None:
-                tol = max(base_tol, 2 * merged_row["rel_err"] + 1e-6)  # DESIGN §7
-            err = checked[pass_]["max"]
-            row.update(rel_err=err, rel_errs=checked[pass_]["errors"], tol=tol)
-            if not err <= tol:
-                row["status"] = f"failed numerics: rel err {err:.2e} > tol {tol:.0e}"
-        if all(rows[(name, p)]["status"] == "ok" for p in PASSES):
-            providers[name] = provider
-        elif any(rows[(name, p)]["status"] == "ok" for p in PASSES):
-            providers[name] = provider  # time only the pass that passed
+        # fused-triton may also be off by up to 2× merged-cudnn's error (DESIGN §7).
+        baseline = "merged-cudnn" if name == "fused-triton" else None
+        if harness.apply_numerics(rows, name, PASSES, checked, TOLERANCE[precision], baseline):
+            providers[name] = provider  # time only the passes that passed
     refs.clear()
 
     # Memory (outside the timed region), then interleaved timing per pass.
     for pass_ in PASSES:
-        fns = {}
-        for name, provider in providers.items():
-            row = rows[(name, pass_)]
-            if row["status"] != "ok":
-                continue
-            fn = forward_fn(provider, prob.x) if pass_ == "forward" else training_fn(provider, prob.x, prob.dy)
-            mem = harness.peak_memory(fn, device)
-            row.update(peak_mem_bytes=mem["bytes"], peak_mem_measure=mem["measure"],
-                       device_used_bytes=mem["device_used_bytes"])
-            fns[name] = fn
-        timings = harness.interleaved(fns, sizes.rounds, device=device, warmup_ms=sizes.warmup_ms,
-                                      rep_ms=sizes.rep_ms)
-        for name, t in timings.items():
-            row = rows[(name, pass_)]
-            row.update(p50_ms=t["p50_ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"], n=t["n"],
-                       round_spread=t["round_spread"])
-            seconds = t["p50_ms"] * 1e-3
-            row["gbps"] = row["bytes_min"] / seconds / 1e9
-            row["tflops"] = row["flops"] / seconds / 1e12
-            if hbm is not None:
-                row["frac_hbm_measured"] = row["bytes_min"] / seconds / hbm["measured_Bps"]
-                if hbm["datasheet_Bps"]:
-                    row["frac_hbm_datasheet"] = row["bytes_min"] / seconds / hbm["datasheet_Bps"]
-            if peak:
-                row["frac_peak_flops"] = row["flops"] / seconds / peak
-            if spec is not None and peak:
-                row["floor_ms"] = 1e3 * max(row["bytes_min"] / spec["hbm_Bps"], row["flops"] / peak)
-                row["frac_floor"] = row["floor_ms"] / t["p50_ms"]
-        for row in (rows[(name, pass_)] for name in names):
-            if row["p50_ms"] is None:
-                continue
-            for key, other in (("t_over_conv", "conv"), ("t_over_unfused", "peft-unfused"),
-                               ("t_over_merged", "merged-cudnn")):
-                ref_row = rows.get((other, pass_))
-                if ref_row is not None and ref_row["p50_ms"]:
-                    row[key] = row["p50_ms"] / ref_row["p50_ms"]
+        fns = {name: forward_fn(provider, prob.x) if pass_ == "forward" else training_fn(provider, prob.x, prob.dy)
+               for name, provider in providers.items() if rows[(name, pass_)]["status"] == "ok"}
+        pass_rows = {name: rows[(name, pass_)] for name in names}
+        harness.measure_providers(pass_rows, fns, device, rounds=sizes.rounds, warmup_ms=sizes.warmup_ms,
+                                  rep_ms=sizes.rep_ms, hbm=hbm, spec=spec, peak=peak)
+        harness.fill_ratios(pass_rows, {"t_over_conv": "conv", "t_over_unfused": "peft-unfused",
+                                        "t_over_merged": "merged-cudnn"})
     del prob, providers
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -449,30 +392,17 @@ def _run_shape(device, gpu, hbm, names, c, side, nb, dtype_name, sizes: Sizes, v
 # Report
 # --------------------------------------------------------------------------------------------------------------------
 
-def _f(value, fmt, missing="-"):
-    return missing if value is None else format(value, fmt)
-
-
 def format_table(rows: list[dict]) -> str:
     """A fixed-width table: one line per row; times p50 [p20, p80] ms; t/x = this p50 over provider x's p50."""
-    def ratio(v):
-        return "-" if v is None else (f"{v:.2f}" if v < 100 else f"{v:.0f}")
-
-    head = (f"{'provider':<13}{'pass':<8}{'C':>3}{'r':>3}{'HxW':>8}{'N':>4} {'prec':<5}{'rel err':>8}"
-            f"  {'p50 [p20, p80] ms':<26}{'GB/s':>8}{'%HBM':>5}{'TFLOP/s':>8}{'%floor':>7}{'mem MiB':>8}"
+    ratio = harness.fmt_ratio
+    head = (f"{'provider':<13}{'pass':<8}{'C':>3}{'r':>3}{'HxW':>8}{'N':>4} {harness.MEASUREMENT_HEADER}"
             f"{'t/conv':>7}{'t/unf':>7}{'t/mrg':>7}  status")
     lines = [head, "-" * len(head)]
     for r in rows:
-        pass_ = "fwd" if r["pass"] == "forward" else "fwd+bwd"
-        times = "-" if r["p50_ms"] is None else f"{r['p50_ms']:.3f} [{r['p20_ms']:.3f}, {r['p80_ms']:.3f}]"
-        hbm = r["frac_hbm_measured"]
-        mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2 ** 20
         size = f"{r['height']}x{r['width']}"
         lines.append(
-            f"{r['provider']:<13}{pass_:<8}{r['channels']:>3}{r['rank']:>3}{size:>8}{r['batch']:>4} "
-            f"{r['precision']:<5}{_f(r['rel_err'], '.1e'):>8}  {times:<26}{_f(r['gbps'], '.2f'):>8}"
-            f"{_f(None if hbm is None else 100 * hbm, '.0f'):>5}{_f(r['tflops'], '.3f'):>8}"
-            f"{_f(None if r['frac_floor'] is None else 100 * r['frac_floor'], '.0f'):>7}{_f(mem, '.2f'):>8}"
+            f"{r['provider']:<13}{harness.pass_label(r['pass']):<8}{r['channels']:>3}{r['rank']:>3}{size:>8}"
+            f"{r['batch']:>4} {harness.measurement_cells(r, '.3f')}"
             f"{ratio(r['t_over_conv']):>7}{ratio(r['t_over_unfused']):>7}{ratio(r['t_over_merged']):>7}"
             f"  {r['status']}")
     return "\n".join(lines)
@@ -489,9 +419,7 @@ def notes_for(device: torch.device, hbm: dict | None) -> list[str]:
                      "CUDA events via triton.testing.do_bench (L2 flushed before each call); mem = allocator peak "
                      "above what was allocated before the call.")
         if hbm is not None:
-            notes.append(f"HBM: measured copy {hbm['measured_Bps'] / 1e12:.2f} TB/s, datasheet "
-                         f"{_f(None if hbm['datasheet_Bps'] is None else hbm['datasheet_Bps'] / 1e12, '.2f')} TB/s "
-                         f"({hbm['gpu']}).")
+            notes.append(harness.hbm_note(hbm))
     else:
         notes.append("CPU run at reduced sizes with host-clock timings; 'merged-cudnn' is merge + F.conv2d on the "
                      "CPU (not cuDNN); fused-triton needs CUDA (skipped); float32 is IEEE; mem = bytes autograd "
@@ -512,10 +440,7 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
     parser.add_argument("--rep-ms", type=float, default=None, help="timed milliseconds per provider per round")
     args = parser.parse_args(argv)
-    for key in ("channels", "hw", "batch"):
-        values = getattr(args, key)
-        if values is not None and any(v < 1 for v in values):
-            parser.error(f"--{key}: expected positive integers, got {values}")
+    harness.require_positive(parser, args, ("channels", "hw", "batch"))
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds: expected ≥ 1, got {args.rounds}")
     return args
@@ -534,25 +459,9 @@ def main(argv=None) -> int:
     notes = notes_for(device, hbm)
     table = format_table(rows)
     if args.out:
-        from lorun_fast.io import atomic_write_text
-        out = Path(args.out)
-        report = {"machine": info, "hbm": hbm, "quick": args.quick, "notes": notes, "rows": rows}
-        atomic_write_text(out / "results.json", json.dumps(report, indent=2))
-        atomic_write_text(out / "report.md", "\n".join([
-            "# lorun_fast — single LoRA conv layer", "", f"Machine: {json.dumps(info)}", "",
-            *[f"- {n}" for n in notes], "", "```", table, "```", ""]))
-    print(f"lorun_fast conv_layer: device {device} ({info.get('gpu') or info['cpu']}), torch {info['torch']}, "
-          f"triton {info['triton']}, commit {info['git_commit']}")
-    for n in notes:
-        print(f"note: {n}")
-    print(table)
-    bad = [r for r in rows if r["status"].startswith(("failed", "error"))]
-    if args.out:
-        print(f"results written to {args.out}/results.json and report.md")
-    if bad:
-        print(f"{len(bad)} row(s) failed numerics or raised: see status", file=sys.stderr)
-        return 1
-    return 0
+        harness.write_report_folder(args.out, "single LoRA conv layer", info=info, hbm=hbm, quick=args.quick,
+                                    notes=notes, rows=rows, table=table)
+    return harness.print_report("conv_layer", device, info, notes, table, rows, args.out)
 
 
 if __name__ == "__main__":

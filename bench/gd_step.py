@@ -55,7 +55,6 @@ import argparse
 import contextlib
 import copy
 import functools
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -77,7 +76,6 @@ CUDA_ONLY = ("fused-two-gemm", "fused-one-gemm", "fused")
 PASSES = ("forward", "forward+backward")
 TOLERANCE = {"fp32": 1e-4, "tf32": 5e-3, "bf16": 3e-2, "fp16": 1e-2}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 CS_RATIO = 0.25
 CS_BLOCK = 33
@@ -381,27 +379,21 @@ def reference(prob: Problem) -> dict[str, torch.Tensor]:
     return {"z": z.detach(), "dx": dx, "dy": dy, "drho": drho}
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.detach()
-    err = float((out.detach().double() - ref).norm() / ref.norm().clamp_min(1e-300))
-    return err if math.isfinite(err) else math.inf
-
-
 def check_numerics(provider: Provider, prob: Problem, ref: dict[str, torch.Tensor]) -> dict[str, dict]:
     """Per pass: {"errors": {tensor: rel err}, "max": largest}."""
     with torch.no_grad():
         z = provider.step(prob.x, prob.y, prob.rho)
-    forward_errors = {"z": rel_err(z, ref["z"])}
+    forward_errors = {"z": harness.rel_err(z, ref["z"])}
     del z
     xg = prob.x.detach().requires_grad_()
     yg = prob.y.detach().requires_grad_()
     rg = prob.rho.detach().requires_grad_()
     z = provider.step(xg, yg, rg)
     dx, dy, drho = torch.autograd.grad(z, (xg, yg, rg), prob.g)
+    rel_err = harness.rel_err
     train_errors = {"z": rel_err(z, ref["z"]), "dx": rel_err(dx, ref["dx"]), "dy": rel_err(dy, ref["dy"]),
                     "drho": rel_err(drho.reshape(()), ref["drho"].reshape(()))}
-    return {"forward": {"errors": forward_errors, "max": max(forward_errors.values())},
-            "forward+backward": {"errors": train_errors, "max": max(train_errors.values())}}
+    return harness.numerics_summary(forward_errors, train_errors)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -413,14 +405,8 @@ ROW_VALUE_KEYS = ("rel_err", "rel_errs", "tol", "p50_ms", "p20_ms", "p80_ms", "n
                   "peak_mem_bytes", "peak_mem_measure", "device_used_bytes", "t_over_eager")
 
 
-def _pick(value, default):
-    return tuple(value) if value is not None else default
-
-
 def _precision(device: torch.device, dtype_name: str) -> str:
-    if dtype_name == "float32":
-        return "tf32" if device.type == "cuda" else "fp32"
-    return DTYPE_SHORT[dtype_name]
+    return harness.precision_key(dtype_name, tf32=device.type == "cuda")
 
 
 def _peak_key(op: str, precision: str) -> str:
@@ -462,25 +448,18 @@ def run(device, quick: bool, *, ops: Sequence[str] | None = None, hw: Sequence[i
     cuda = device.type == "cuda"
     preset = (GPU_QUICK if quick else GPU_FULL) if cuda else (CPU_QUICK if quick else CPU_FULL)
     cs_hw = tuple(hw) if hw is not None else preset.cs_hw  # an explicit hw applies to CS too
-    sizes = Sizes(_pick(hw, preset.hw), cs_hw, _pick(batches, preset.batches), _pick(dtypes, preset.dtypes),
+    sizes = Sizes(harness.pick(hw, preset.hw), cs_hw, harness.pick(batches, preset.batches),
+                  harness.pick(dtypes, preset.dtypes),
                   rounds or preset.rounds, preset.warmup_ms if warmup_ms is None else warmup_ms,
                   preset.rep_ms if rep_ms is None else rep_ms,
                   None if passes is not None else preset.train_at)
     op_names = tuple(ops) if ops is not None else OPS
-    for name in op_names:
-        if name not in OPS:
-            raise ValueError(f"ops: unknown {name!r}; expected some of {OPS}")
+    harness.check_known("ops", op_names, OPS)
     if providers is not None:
-        for name in providers:
-            if name not in PROVIDERS:
-                raise ValueError(f"providers: unknown {name!r}; expected some of {PROVIDERS}")
+        harness.check_known("providers", providers, PROVIDERS)
     pass_names = tuple(passes) if passes is not None else PASSES
-    for name in pass_names:
-        if name not in PASSES:
-            raise ValueError(f"passes: unknown {name!r}; expected some of {PASSES}")
-    for d in sizes.dtypes:
-        if d not in DTYPES:
-            raise ValueError(f"dtypes: unknown {d!r}; expected some of {tuple(DTYPES)}")
+    harness.check_known("passes", pass_names, PASSES)
+    harness.check_known("dtypes", sizes.dtypes, DTYPES)
 
     gpu = torch.cuda.get_device_name(device) if cuda else None
     hbm = harness.hbm_bandwidth(device) if cuda else None
@@ -514,7 +493,7 @@ def _cs_m() -> int:
 
 def _error_rows(device, gpu, op, names, passes, side, nb, dtype_name, exc) -> list[dict]:
     """Rows for a shape that could not be set up at all (the message says why)."""
-    message = f"error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+    message = harness.error_status(exc)
     precision = _precision(device, dtype_name)
     shape = _shape_keys(op, side, nb, dtype_name, precision, _cs_m())
     return [dict({"provider": name, "pass": pass_, **shape, "operator": None, "layout": "contiguous",
@@ -567,58 +546,22 @@ def _run_shape(device, gpu, hbm, op, names, passes, side, nb, dtype_name, sizes:
                 ref = reference(prob)
             checked = check_numerics(provider, prob, ref)
         except Exception as exc:  # noqa: BLE001 - one broken provider must not stop the others
-            set_status(name, f"error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
+            set_status(name, harness.error_status(exc))
             continue
-        base_tol = TOLERANCE[precision]
-        for pass_ in passes:
-            row = rows[(name, pass_)]
-            tol = base_tol
-            eager_row = rows.get(("eager", pass_))
-            if name in CUDA_ONLY and eager_row is not None and eager_row["rel_err"] is not None:
-                tol = max(base_tol, 2 * eager_row["rel_err"] + 1e-6)  # DESIGN §7
-            err = checked[pass_]["max"]
-            row.update(rel_err=err, rel_errs=checked[pass_]["errors"], tol=tol)
-            if not err <= tol:
-                row["status"] = f"failed numerics: rel err {err:.2e} > tol {tol:.0e}"
-        if any(rows[(name, p)]["status"] == "ok" for p in passes):
+        # The fused providers may also be off by up to 2× eager's error (DESIGN §7).
+        baseline = "eager" if name in CUDA_ONLY else None
+        if harness.apply_numerics(rows, name, passes, checked, TOLERANCE[precision], baseline):
             providers[name] = provider  # time only the passes that passed
     ref = None
 
     # Memory (outside the timed region), then interleaved timing per pass.
     for pass_ in passes:
-        fns = {}
-        for name, provider in providers.items():
-            row = rows[(name, pass_)]
-            if row["status"] != "ok":
-                continue
-            fn = forward_fn(provider, prob) if pass_ == "forward" else training_fn(provider, prob)
-            mem = harness.peak_memory(fn, device)
-            row.update(peak_mem_bytes=mem["bytes"], peak_mem_measure=mem["measure"],
-                       device_used_bytes=mem["device_used_bytes"])
-            fns[name] = fn
-        timings = harness.interleaved(fns, sizes.rounds, device=device, warmup_ms=sizes.warmup_ms,
-                                      rep_ms=sizes.rep_ms)
-        for name, t in timings.items():
-            row = rows[(name, pass_)]
-            row.update(p50_ms=t["p50_ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"], n=t["n"],
-                       round_spread=t["round_spread"])
-            seconds = t["p50_ms"] * 1e-3
-            row["gbps"] = row["bytes_min"] / seconds / 1e9
-            row["tflops"] = row["flops"] / seconds / 1e12
-            if hbm is not None:
-                row["frac_hbm_measured"] = row["bytes_min"] / seconds / hbm["measured_Bps"]
-                if hbm["datasheet_Bps"]:
-                    row["frac_hbm_datasheet"] = row["bytes_min"] / seconds / hbm["datasheet_Bps"]
-            if peak:
-                row["frac_peak_flops"] = row["flops"] / seconds / peak
-            if spec is not None and peak:
-                row["floor_ms"] = 1e3 * max(row["bytes_min"] / spec["hbm_Bps"], row["flops"] / peak)
-                row["frac_floor"] = row["floor_ms"] / t["p50_ms"]
-        eager_row = rows.get(("eager", pass_))
-        for name in names:
-            row = rows[(name, pass_)]
-            if row["p50_ms"] is not None and eager_row is not None and eager_row["p50_ms"]:
-                row["t_over_eager"] = row["p50_ms"] / eager_row["p50_ms"]
+        fns = {name: forward_fn(provider, prob) if pass_ == "forward" else training_fn(provider, prob)
+               for name, provider in providers.items() if rows[(name, pass_)]["status"] == "ok"}
+        pass_rows = {name: rows[(name, pass_)] for name in names}
+        harness.measure_providers(pass_rows, fns, device, rounds=sizes.rounds, warmup_ms=sizes.warmup_ms,
+                                  rep_ms=sizes.rep_ms, hbm=hbm, spec=spec, peak=peak)
+        harness.fill_ratios(pass_rows, {"t_over_eager": "eager"})
     del prob, providers
     if cuda:
         torch.cuda.empty_cache()
@@ -629,31 +572,17 @@ def _run_shape(device, gpu, hbm, op, names, passes, side, nb, dtype_name, sizes:
 # Report
 # --------------------------------------------------------------------------------------------------------------------
 
-def _f(value, fmt, missing="-"):
-    return missing if value is None else format(value, fmt)
-
-
 def format_table(rows: list[dict]) -> str:
     """A fixed-width table: one line per row; times p50 [p20, p80] ms; t/eager = this p50 over eager's p50."""
-    def ratio(v):
-        return "-" if v is None else (f"{v:.2f}" if v < 100 else f"{v:.0f}")
-
-    head = (f"{'op':<6}{'provider':<15}{'pass':<8}{'C':>3}{'HxW':>8}{'N':>4} {'prec':<5}{'rel err':>8}"
-            f"  {'p50 [p20, p80] ms':<26}{'GB/s':>8}{'%HBM':>5}{'TFLOP/s':>8}{'%floor':>7}{'mem MiB':>8}"
+    head = (f"{'op':<6}{'provider':<15}{'pass':<8}{'C':>3}{'HxW':>8}{'N':>4} {harness.MEASUREMENT_HEADER}"
             f"{'t/eager':>8}  status")
     lines = [head, "-" * len(head)]
     for r in rows:
-        pass_ = "fwd" if r["pass"] == "forward" else "fwd+bwd"
-        times = "-" if r["p50_ms"] is None else f"{r['p50_ms']:.4f} [{r['p20_ms']:.4f}, {r['p80_ms']:.4f}]"
-        hbm = r["frac_hbm_measured"]
-        mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2 ** 20
         size = f"{r['height']}x{r['width']}"
         lines.append(
-            f"{r['op']:<6}{r['provider']:<15}{pass_:<8}{r['channels']:>3}{size:>8}{r['batch']:>4} "
-            f"{r['precision']:<5}{_f(r['rel_err'], '.1e'):>8}  {times:<26}{_f(r['gbps'], '.2f'):>8}"
-            f"{_f(None if hbm is None else 100 * hbm, '.0f'):>5}{_f(r['tflops'], '.3f'):>8}"
-            f"{_f(None if r['frac_floor'] is None else 100 * r['frac_floor'], '.0f'):>7}{_f(mem, '.2f'):>8}"
-            f"{ratio(r['t_over_eager']):>8}  {r['status']}")
+            f"{r['op']:<6}{r['provider']:<15}{harness.pass_label(r['pass']):<8}{r['channels']:>3}{size:>8}"
+            f"{r['batch']:>4} {harness.measurement_cells(r, '.4f')}"
+            f"{harness.fmt_ratio(r['t_over_eager']):>8}  {r['status']}")
     return "\n".join(lines)
 
 
@@ -676,9 +605,7 @@ def notes_for(device: torch.device, hbm: dict | None, rows: list[dict]) -> list[
                      "up to the flush's duration is hidden); mem = allocator peak above what was allocated before "
                      "the call. The full preset times fwd+bwd at batch 16, 256² only.")
         if hbm is not None:
-            notes.append(f"HBM: measured copy {hbm['measured_Bps'] / 1e12:.2f} TB/s, datasheet "
-                         f"{_f(None if hbm['datasheet_Bps'] is None else hbm['datasheet_Bps'] / 1e12, '.2f')} TB/s "
-                         f"({hbm['gpu']}).")
+            notes.append(harness.hbm_note(hbm))
     else:
         notes.append("CPU run at reduced sizes (CS 66×66 = 2×2 blocks, CASSI and SR 64×64) with host-clock "
                      "timings; the fused providers need CUDA (skipped); float32 is IEEE; mem = bytes autograd saves "
@@ -701,10 +628,7 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
     parser.add_argument("--rep-ms", type=float, default=None, help="timed milliseconds per provider per round")
     args = parser.parse_args(argv)
-    for key in ("hw", "batch"):
-        values = getattr(args, key)
-        if values is not None and any(v < 1 for v in values):
-            parser.error(f"--{key}: expected positive integers, got {values}")
+    harness.require_positive(parser, args, ("hw", "batch"))
     if args.hw is not None and any(v % SR_SCALE for v in args.hw):
         parser.error(f"--hw: SR needs sides that are multiples of its scale {SR_SCALE}, got {args.hw}")
     if args.hw is not None and (args.ops is None or "cs" in args.ops) and any(v < CS_BLOCK for v in args.hw):
@@ -727,25 +651,9 @@ def main(argv=None) -> int:
     notes = notes_for(device, hbm, rows)
     table = format_table(rows)
     if args.out:
-        from lorun_fast.io import atomic_write_text
-        out = Path(args.out)
-        report = {"machine": info, "hbm": hbm, "quick": args.quick, "notes": notes, "rows": rows}
-        atomic_write_text(out / "results.json", json.dumps(report, indent=2))
-        atomic_write_text(out / "report.md", "\n".join([
-            "# lorun_fast — one gradient-descent step (CS, CASSI, SR)", "", f"Machine: {json.dumps(info)}", "",
-            *[f"- {n}" for n in notes], "", "```", table, "```", ""]))
-    print(f"lorun_fast gd_step: device {device} ({info.get('gpu') or info['cpu']}), torch {info['torch']}, "
-          f"triton {info['triton']}, commit {info['git_commit']}")
-    for n in notes:
-        print(f"note: {n}")
-    print(table)
-    bad = [r for r in rows if r["status"].startswith(("failed", "error"))]
-    if args.out:
-        print(f"results written to {args.out}/results.json and report.md")
-    if bad:
-        print(f"{len(bad)} row(s) failed numerics or raised: see status", file=sys.stderr)
-        return 1
-    return 0
+        harness.write_report_folder(args.out, "one gradient-descent step (CS, CASSI, SR)", info=info, hbm=hbm,
+                                    quick=args.quick, notes=notes, rows=rows, table=table)
+    return harness.print_report("gd_step", device, info, notes, table, rows, args.out)
 
 
 if __name__ == "__main__":

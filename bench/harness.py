@@ -15,18 +15,26 @@ Public functions:
 - ``hbm_bandwidth(device)``: measured device-to-device copy bandwidth and the datasheet figure.
 - ``peak_flops(device, dtype)``: datasheet dense FLOP/s of the GPU at a precision.
 - ``gpu_spec(name)``: the datasheet table entry for a GPU name (or None).
+
+Shared by the single-layer benchmarks (``conv_layer.py``, ``gd_step.py``), whose rows have the same measurement
+columns: ``pick``, ``require_positive``, ``check_known``, ``error_status``, ``rel_err``, ``numerics_summary``,
+``apply_numerics``, ``measure_providers`` / ``fill_roofline``, ``fill_ratios``, ``fmt_or_dash``, ``fmt_ratio``,
+``pass_label``, ``MEASUREMENT_HEADER`` / ``measurement_cells``, ``hbm_note``, ``write_report_folder`` and
+``print_report``.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import gc
+import json
 import math
 import os
 import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +46,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 __all__ = ["REPO", "git_commit", "machine_info", "tf32_settings", "tf32_mode", "quantiles", "summarize", "time_fn",
            "interleaved", "saved_activation_bytes", "peak_memory", "gpu_spec", "hbm_bandwidth", "peak_flops",
-           "precision_key"]
+           "precision_key", "pick", "require_positive", "check_known", "error_status", "rel_err", "numerics_summary",
+           "apply_numerics", "fill_roofline", "measure_providers", "fill_ratios", "fmt_or_dash", "fmt_ratio",
+           "pass_label", "MEASUREMENT_HEADER", "measurement_cells", "hbm_note", "write_report_folder", "print_report"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -455,7 +465,7 @@ def _measured_copy(device: torch.device, nbytes: int) -> tuple[float, float]:
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, quantiles=[0.5])
     ms = float(ms[0] if isinstance(ms, (list, tuple)) else ms)
-    del src, dst
+    src = dst = None  # free both copies before empty_cache
     torch.cuda.empty_cache()
     return ms, 2 * numel * 4 / (ms * 1e-3)
 
@@ -476,3 +486,177 @@ def hbm_bandwidth(device, nbytes: int = 2 ** 30) -> dict | None:
     ms, bps = _measured_copy(device, int(nbytes))
     return {"gpu": name, "measured_Bps": bps, "datasheet_Bps": None if spec is None else spec["hbm_Bps"],
             "copy_bytes": 2 * (int(nbytes) // 4) * 4, "copy_ms": ms}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rows, tables and report folders of the single-layer benchmarks (conv_layer.py, gd_step.py)
+# --------------------------------------------------------------------------------------------------------------------
+
+def pick(value, default):
+    """``tuple(value)``, or ``default`` when ``value`` is None (an override of a preset's sizes)."""
+    return tuple(value) if value is not None else default
+
+
+def require_positive(parser, args, keys) -> None:
+    """``parser.error`` unless every value of each list option ``args.<key>`` (when given) is ≥ 1."""
+    for key in keys:
+        values = getattr(args, key)
+        if values is not None and any(v < 1 for v in values):
+            parser.error(f"--{key}: expected positive integers, got {values}")
+
+
+def check_known(label: str, values, known) -> None:
+    """Raise ValueError for the first of ``values`` that is not in ``known``."""
+    for value in values:
+        if value not in known:
+            raise ValueError(f"{label}: unknown {value!r}; expected some of {tuple(known)}")
+
+
+def error_status(exc: BaseException) -> str:
+    """A row's status for an exception: ``error: Type: first line of the message`` (at most 200 characters)."""
+    return f"error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (``ref`` is the float64 reference); inf for a NaN or infinite result."""
+    ref = ref.detach()
+    err = float((out.detach().double() - ref).norm() / ref.norm().clamp_min(1e-300))
+    return err if math.isfinite(err) else math.inf
+
+
+def numerics_summary(forward_errors: dict[str, float], train_errors: dict[str, float]) -> dict[str, dict]:
+    """Per pass: ``{"errors": {tensor: rel err}, "max": largest}``."""
+    return {"forward": {"errors": forward_errors, "max": max(forward_errors.values())},
+            "forward+backward": {"errors": train_errors, "max": max(train_errors.values())}}
+
+
+def apply_numerics(rows: Mapping[tuple[str, str], dict], name: str, passes, checked: dict[str, dict],
+                   base_tol: float, baseline: str | None = None) -> bool:
+    """Record rel_err, rel_errs and tol in the rows ``rows[(name, pass)]``; a row over its tolerance (or NaN) gets
+    status ``failed numerics: ...``. With a ``baseline`` provider whose row of the same pass has a rel_err, the
+    tolerance is at least twice that error (DESIGN §7). Returns whether any pass is still "ok" (to be timed)."""
+    for pass_ in passes:
+        row = rows[(name, pass_)]
+        tol = base_tol
+        base_row = rows.get((baseline, pass_)) if baseline is not None else None
+        if base_row is not None and base_row["rel_err"] is not None:
+            tol = max(base_tol, 2 * base_row["rel_err"] + 1e-6)
+        err = checked[pass_]["max"]
+        row.update(rel_err=err, rel_errs=checked[pass_]["errors"], tol=tol)
+        if not err <= tol:
+            row["status"] = f"failed numerics: rel err {err:.2e} > tol {tol:.0e}"
+    return any(rows[(name, p)]["status"] == "ok" for p in passes)
+
+
+def fill_roofline(row: dict, timing: dict, *, hbm: dict | None, spec: dict | None, peak: float | None) -> None:
+    """Fill a row's timing columns from ``interleaved``'s result, and its roofline columns from the row's
+    bytes_min / flops and the ceilings: gbps, tflops, frac_hbm_measured / frac_hbm_datasheet (``hbm_bandwidth``),
+    frac_peak_flops (``peak`` FLOP/s), floor_ms = max(bytes / datasheet bandwidth, FLOPs / peak) and frac_floor."""
+    row.update(p50_ms=timing["p50_ms"], p20_ms=timing["p20_ms"], p80_ms=timing["p80_ms"], n=timing["n"],
+               round_spread=timing["round_spread"])
+    seconds = timing["p50_ms"] * 1e-3
+    row["gbps"] = row["bytes_min"] / seconds / 1e9
+    row["tflops"] = row["flops"] / seconds / 1e12
+    if hbm is not None:
+        row["frac_hbm_measured"] = row["bytes_min"] / seconds / hbm["measured_Bps"]
+        if hbm["datasheet_Bps"]:
+            row["frac_hbm_datasheet"] = row["bytes_min"] / seconds / hbm["datasheet_Bps"]
+    if peak:
+        row["frac_peak_flops"] = row["flops"] / seconds / peak
+    if spec is not None and peak:
+        row["floor_ms"] = 1e3 * max(row["bytes_min"] / spec["hbm_Bps"], row["flops"] / peak)
+        row["frac_floor"] = row["floor_ms"] / timing["p50_ms"]
+
+
+def measure_providers(rows: Mapping[str, dict], fns: Mapping[str, Callable], device, *, rounds: int,
+                      warmup_ms: float, rep_ms: float, hbm: dict | None, spec: dict | None,
+                      peak: float | None) -> None:
+    """One pass of one shape: the memory of each ``fns[name]`` (outside any timed region), then the providers timed
+    together with ``interleaved``; fills ``rows[name]`` (peak_mem_*, device_used_bytes, then ``fill_roofline``)."""
+    for name, fn in fns.items():
+        mem = peak_memory(fn, device)
+        rows[name].update(peak_mem_bytes=mem["bytes"], peak_mem_measure=mem["measure"],
+                          device_used_bytes=mem["device_used_bytes"])
+    timings = interleaved(fns, rounds, device=device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    for name, timing in timings.items():
+        fill_roofline(rows[name], timing, hbm=hbm, spec=spec, peak=peak)
+
+
+def fill_ratios(rows: Mapping[str, dict], ratios: Mapping[str, str]) -> None:
+    """For every timed row of one pass and shape (``rows``: provider → row): ``row[key]`` = its p50 over the p50 of
+    provider ``ratios[key]``, where that provider was timed."""
+    for row in rows.values():
+        if row["p50_ms"] is None:
+            continue
+        for key, other in ratios.items():
+            ref_row = rows.get(other)
+            if ref_row is not None and ref_row["p50_ms"]:
+                row[key] = row["p50_ms"] / ref_row["p50_ms"]
+
+
+def fmt_or_dash(value, fmt: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, fmt)
+
+
+def fmt_ratio(value) -> str:
+    return "-" if value is None else (f"{value:.2f}" if value < 100 else f"{value:.0f}")
+
+
+def pass_label(pass_: str) -> str:
+    return "fwd" if pass_ == "forward" else "fwd+bwd"
+
+
+MEASUREMENT_HEADER = (f"{'prec':<5}{'rel err':>8}  {'p50 [p20, p80] ms':<26}{'GB/s':>8}{'%HBM':>5}{'TFLOP/s':>8}"
+                      f"{'%floor':>7}{'mem MiB':>8}")
+
+
+def measurement_cells(row: dict, time_fmt: str) -> str:
+    """The columns under ``MEASUREMENT_HEADER`` for one row; times p50 [p20, p80] in ms, formatted with
+    ``time_fmt``."""
+    t = time_fmt
+    times = "-" if row["p50_ms"] is None else f"{row['p50_ms']:{t}} [{row['p20_ms']:{t}}, {row['p80_ms']:{t}}]"
+    hbm = row["frac_hbm_measured"]
+    floor = row["frac_floor"]
+    mem = None if row["peak_mem_bytes"] is None else row["peak_mem_bytes"] / 2 ** 20
+    return (f"{row['precision']:<5}{fmt_or_dash(row['rel_err'], '.1e'):>8}  {times:<26}"
+            f"{fmt_or_dash(row['gbps'], '.2f'):>8}{fmt_or_dash(None if hbm is None else 100 * hbm, '.0f'):>5}"
+            f"{fmt_or_dash(row['tflops'], '.3f'):>8}{fmt_or_dash(None if floor is None else 100 * floor, '.0f'):>7}"
+            f"{fmt_or_dash(mem, '.2f'):>8}")
+
+
+def hbm_note(hbm: dict) -> str:
+    """A report note on the bandwidth ceiling (``hbm_bandwidth``'s result)."""
+    datasheet = None if hbm["datasheet_Bps"] is None else hbm["datasheet_Bps"] / 1e12
+    return (f"HBM: measured copy {hbm['measured_Bps'] / 1e12:.2f} TB/s, datasheet {fmt_or_dash(datasheet, '.2f')} "
+            f"TB/s ({hbm['gpu']}).")
+
+
+def write_report_folder(out, title: str, *, info: dict, hbm: dict | None, quick: bool, notes: list[str],
+                        rows: list[dict], table: str) -> None:
+    """``out/results.json`` (machine, hbm, quick, notes, rows) and ``out/report.md`` (``# lorun_fast — title``, the
+    machine, the notes and the table)."""
+    from lorun_fast.io import atomic_write_text
+    out = Path(out)
+    report = {"machine": info, "hbm": hbm, "quick": quick, "notes": notes, "rows": rows}
+    atomic_write_text(out / "results.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.md", "\n".join([
+        f"# lorun_fast — {title}", "", f"Machine: {json.dumps(info)}", "",
+        *[f"- {n}" for n in notes], "", "```", table, "```", ""]))
+
+
+def print_report(name: str, device, info: dict, notes: list[str], table: str, rows: list[dict],
+                 out=None) -> int:
+    """Print the machine line, the notes and the table; returns the exit status: 1 when a row failed numerics or
+    raised (said on stderr), else 0."""
+    print(f"lorun_fast {name}: device {device} ({info.get('gpu') or info['cpu']}), torch {info['torch']}, "
+          f"triton {info['triton']}, commit {info['git_commit']}")
+    for n in notes:
+        print(f"note: {n}")
+    print(table)
+    bad = [r for r in rows if r["status"].startswith(("failed", "error"))]
+    if out:
+        print(f"results written to {out}/results.json and report.md")
+    if bad:
+        print(f"{len(bad)} row(s) failed numerics or raised: see status", file=sys.stderr)
+        return 1
+    return 0
