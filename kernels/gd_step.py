@@ -53,7 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lorun_fast.kernels.settings import INPUT_PRECISIONS, full_tuning, interpreting
+from lorun_fast.kernels.settings import (INPUT_PRECISIONS, check_runnable, dot_precision, full_tuning,
+                                         interpreting)
 
 __all__ = [
     "gd_step_cs",
@@ -649,15 +650,11 @@ def _sr_update_kernel(
 # --------------------------------------------------------------------------------------------------------------------
 
 def _check_runnable(t: torch.Tensor) -> None:
-    if not t.is_cuda and not _INTERPRET:
-        raise RuntimeError("lorun_fast.kernels.gd_step: Triton kernels need CUDA tensors "
-                           "(or TRITON_INTERPRET=1 set before importing this module to run them on CPU)")
+    check_runnable(t, "lorun_fast.kernels.gd_step")
 
 
 def _dot_precision(dtype: torch.dtype, input_precision: str) -> str:
-    # Precision only means something for float32 operands; 16-bit ones get tl.dot's default ("tf32", a no-op for
-    # them), which also avoids a recompile per requested precision.
-    return input_precision if dtype == torch.float32 else "tf32"
+    return dot_precision(dtype, input_precision)
 
 
 def _upcast(dtype: torch.dtype) -> bool:

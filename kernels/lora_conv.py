@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lorun_fast.kernels.settings import INPUT_PRECISIONS, full_tuning, interpreting
+from lorun_fast.kernels.settings import (INPUT_PRECISIONS, check_runnable, dot_precision, full_tuning,
+                                         interpreting)
 
 __all__ = [
     "fused_lora_conv2d",
@@ -351,15 +352,11 @@ def _taps_arrangement(w: torch.Tensor) -> torch.Tensor:
 
 
 def _check_runnable(t: torch.Tensor) -> None:
-    if not t.is_cuda and not _INTERPRET:
-        raise RuntimeError("lorun_fast.kernels.lora_conv: Triton kernels need CUDA tensors "
-                           "(or TRITON_INTERPRET=1 set before importing this module to run them on CPU)")
+    check_runnable(t, "lorun_fast.kernels.lora_conv")
 
 
 def _dot_precision(dtype: torch.dtype, input_precision: str) -> str:
-    # Precision only means something for float32 operands; 16-bit ones get tl.dot's CUDA default ("tf32", a no-op
-    # for them), which also avoids a recompile per requested precision.
-    return input_precision if dtype == torch.float32 else "tf32"
+    return dot_precision(dtype, input_precision)
 
 
 def _launch_conv(x, w_arr, a_arr, b_arr, scaling, bias, residual, relu, out_scale, input_precision, write_mask,

@@ -16,3 +16,18 @@ def interpreting() -> bool:
 
 def full_tuning() -> bool:
     return os.environ.get("LORUN_FAST_TUNE", "1").strip() != "0"
+
+
+def check_runnable(t, kernel_module: str) -> None:
+    """Triton launches need CUDA tensors, or CPU tensors under the interpreter."""
+    if not t.is_cuda and not interpreting():
+        raise RuntimeError(f"{kernel_module}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before "
+                           "importing it to run them on CPU)")
+
+
+def dot_precision(dtype, input_precision: str) -> str:
+    """The ``tl.dot`` precision for operands of ``dtype``: the requested one for float32; 16-bit operands get
+    tl.dot's default ("tf32", a no-op for them), which also avoids a recompile per requested precision."""
+    import torch
+
+    return input_precision if dtype == torch.float32 else "tf32"
