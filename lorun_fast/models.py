@@ -25,6 +25,15 @@ __all__ = ["BACKBONES", "ModelConfig", "build_backbone", "build_dun", "FusedResB
 BACKBONES = {"resunet": ResUNet, "ista_net_plus": ISTANetPlusPhase}
 
 
+def dataclass_from_dict(cls, data: dict, label: str):
+    """``cls(**data)`` after checking that ``data`` names only fields of the dataclass ``cls``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{label}: unknown fields {unknown}; expected some of {sorted(names)}")
+    return cls(**data)
+
+
 @dataclass
 class ModelConfig:
     """A DUN's shape: strategy, stages, backbone (name + keyword arguments) and the LoRA settings."""
@@ -56,11 +65,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"model config: unknown fields {unknown}; expected some of {sorted(names)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "model config")
 
 
 def build_backbone(name: str, **kwargs) -> nn.Module:

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 
 from lorun_fast.checkpoints import (import_ista_net_plus, load_dun, save_adapters, save_base, save_dun)
 from lorun_fast.io import atomic_write_bytes, atomic_write_text, data_root, list_images, read_gray
-from lorun_fast.models import ModelConfig, base_of, build_dun, lorun_from, shared_from_block, to_fast
+from lorun_fast.models import (ModelConfig, base_of, build_dun, dataclass_from_dict, lorun_from, shared_from_block,
+                               to_fast)
 from lorun_fast.reference import STRATEGIES, BlockCS, DUN
 
 __all__ = ["TrainConfig", "PatchSampler", "Trainer", "operator_from_task", "lr_at", "ddp_gradients", "run_training",
@@ -138,11 +139,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"train config: unknown fields {unknown}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "train config")
 
     # -- derived values -------------------------------------------------------------------------------------------
     def task(self) -> dict:
