@@ -40,7 +40,7 @@ import torch
 import harness
 import report
 from lorun_fast.io import data_root
-from lorun_fast.models import ModelConfig, build_dun, to_fast
+from lorun_fast.models import ModelConfig, build_dun, lorun_from, to_fast
 from lorun_fast.reference import CASSI, DUN, BlockCS, SuperResolution, gaussian_kernel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,8 +98,7 @@ def build_models(operator, in_channels: int, stages: int, size: Size, device, dt
     block = DUN(operator, [copy.deepcopy(shared.denoisers[0]) for _ in range(stages)], stages, "block")
     block.rho.data.copy_(shared.rho.data)
     block.config = ModelConfig(**{**config.to_dict(), "strategy": "block"})
-    lorun = DUN.lorun_from(shared)
-    lorun.config = ModelConfig(**{**config.to_dict(), "strategy": "lorun"})
+    lorun = lorun_from(shared)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in lorun.named_parameters():

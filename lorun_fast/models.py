@@ -178,8 +178,6 @@ def lorun_from(shared: DUN, *, rank: int | None = None, gamma: float = 10.0, alp
     ``freeze_base``), its step sizes starting at the shared ones, ``per_stage`` base parameters made per stage.
     At the start (B = 0, offsets 0) it computes exactly what ``shared`` computes. Adapter A matrices are drawn
     from torch's global generator: seed it for a reproducible start."""
-    if shared.strategy != "shared":
-        raise ValueError(f"shared: expected a DUN with strategy 'shared', got {shared.strategy!r}")
     model = StagedDUN.lorun_from(shared, rank=rank, gamma=gamma, alpha=alpha, targets=targets,
                                  freeze_base=freeze_base)
     base_config = getattr(shared, "config", None)
