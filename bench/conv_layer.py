@@ -440,6 +440,8 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
     parser.add_argument("--rep-ms", type=float, default=None, help="timed milliseconds per provider per round")
     args = parser.parse_args(argv)
+    if args.out:
+        harness.check_report_folder(parser, args.out)
     harness.require_positive(parser, args, ("channels", "hw", "batch"))
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds: expected ≥ 1, got {args.rounds}")

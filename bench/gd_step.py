@@ -628,6 +628,8 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
     parser.add_argument("--rep-ms", type=float, default=None, help="timed milliseconds per provider per round")
     args = parser.parse_args(argv)
+    if args.out:
+        harness.check_report_folder(parser, args.out)
     harness.require_positive(parser, args, ("hw", "batch"))
     if args.hw is not None and any(v % SR_SCALE for v in args.hw):
         parser.error(f"--hw: SR needs sides that are multiples of its scale {SR_SCALE}, got {args.hw}")

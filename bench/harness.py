@@ -631,6 +631,31 @@ def hbm_note(hbm: dict) -> str:
             f"TB/s ({hbm['gpu']}).")
 
 
+REPORT_FILES = ("results.json", "report.md")
+
+
+def _is_earlier_report(out: Path, marker: str) -> bool:
+    """Whether ``out`` holds an earlier benchmark report of this kind: its results.json parses and has ``marker``."""
+    try:
+        earlier = json.loads((Path(out) / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(earlier, dict) and marker in earlier
+
+
+def check_report_folder(parser, out, planned=REPORT_FILES, marker: str = "rows") -> Path:
+    """Before the benchmark runs: ``out`` is writable and holds no file of the user's where the report will go
+    (an earlier report of this kind, recognised by ``marker`` in its results.json, may be replaced); otherwise a
+    usage error from ``parser``."""
+    from lorun_fast.io import check_output_folder
+
+    replaceable = set(planned) if _is_earlier_report(out, marker) else set()
+    try:
+        return check_output_folder(out, planned, replaceable, "--out")
+    except OSError as err:
+        parser.error(str(err))
+
+
 def write_report_folder(out, title: str, *, info: dict, hbm: dict | None, quick: bool, notes: list[str],
                         rows: list[dict], table: str) -> None:
     """``out/results.json`` (machine, hbm, quick, notes, rows) and ``out/report.md`` (``# lorun_fast — title``, the

@@ -273,6 +273,10 @@ def _plot_roofline(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+#: What :func:`write` puts in the report folder.
+REPORT_FILES = ("results.json", "report.md", "memory_vs_stages.png", "throughput.png", "roofline.png")
+
+
 def write(results: dict, out: Path) -> list[Path]:
     """results.json, report.md and three PNG plots in ``out`` (each written atomically)."""
     import io

@@ -261,6 +261,7 @@ def parse_args(argv=None):
                              "against other processes made reduced runs 100× slower)")
     parser.add_argument("--out", default=str(REPO / "bench" / "out"), help="folder for results.json, report.md, plots")
     args = parser.parse_args(argv)
+    harness.check_report_folder(parser, args.out, report.REPORT_FILES, marker="schema_version")
     if args.stages < 1:
         parser.error(f"--stages: expected a positive number of stages, got {args.stages}")
     if args.threads < 1:

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import re
-import zipfile
 from pathlib import Path
 
 import torch
@@ -30,7 +28,7 @@ from lorun_fast.reference import DUN, ISTANetPlusPhase, Operator
 
 __all__ = ["load_torch_state_dict", "import_ista_net_plus", "load_dun", "save_dun", "load_any_dun", "CONFIG_KEY",
            "KIND_KEY", "TASK_KEY", "BASE_HASH_KEY", "save_base", "save_adapters", "load_adapters", "load_lorun",
-           "load_model", "read_header", "base_fingerprint", "task_of"]
+           "load_model", "read_header", "base_fingerprint", "task_of", "check_tensors", "safe_load_error"]
 
 CONFIG_KEY = "lorun_fast.config"
 KIND_KEY = "lorun_fast.kind"
@@ -49,14 +47,37 @@ def load_torch_state_dict(path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint: {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as err:
-        raise ValueError(f"checkpoint: {path} is not a readable torch checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    except Exception as err:
+        raise ValueError(f"checkpoint: {path} is not a readable torch checkpoint of tensors "
+                         f"({safe_load_error(err)}); it is never loaded with weights_only=False, which would run "
+                         f"code from the file") from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint: {path} does not hold a state dict of tensors")
-    return {key.removeprefix("module."): value for key, value in state.items()}
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    check_tensors(path, state)
+    return state
+
+
+def safe_load_error(err: BaseException) -> str:
+    """The type and first line of a ``torch.load`` failure, without torch's advice to retry with
+    ``weights_only=False`` (that would execute whatever the file holds)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = [line for line in lines if "weights_only" not in line and "weights-only" not in line.lower()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def check_tensors(path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors a model cannot hold as they are: integer, bool or complex ones (a copy into a float
+    parameter would cast them silently) and non-finite values (they would give NaN reconstructions)."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"checkpoint: {path} tensor {name!r} has dtype {tensor.dtype}; expected floating point")
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ValueError(f"checkpoint: {path} tensor {name!r} holds {bad} non-finite value(s) (NaN or inf) of "
+                             f"{tensor.numel()}")
 
 
 def import_ista_net_plus(path, operator: Operator) -> DUN:
@@ -187,6 +208,7 @@ def read_header(path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     except Exception as err:
         raise ValueError(f"checkpoint: {path} is not a readable safetensors file ({type(err).__name__}: {err})") \
             from err
+    check_tensors(path, tensors)
     if CONFIG_KEY not in metadata:
         raise ValueError(f"checkpoint: {path} has no {CONFIG_KEY!r} metadata; was it written by lorun_fast?")
     kind = metadata.get(KIND_KEY, "model")
@@ -237,7 +259,11 @@ def load_dun(path, operator: Operator) -> DUN:
     if metadata.get(KIND_KEY) == "adapters":
         raise ValueError(f"checkpoint: {path} is an adapter set, not a model; load it on its base "
                          f"(eval --checkpoint BASE --adapters {Path(path).name})")
-    model = build_dun(operator, _config_from(path, metadata))
+    config = _config_from(path, metadata)
+    try:
+        model = build_dun(operator, config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint: {path} has a config that builds no model ({err})") from err
     _copy_checked(path, tensors, dict(model.named_parameters()), "its config")
     return model
 
@@ -259,8 +285,11 @@ def load_adapters(base: DUN, path) -> DUN:
         raise ValueError(f"adapters: {path} is for backbone {config.backbone} {config.backbone_kwargs} with "
                          f"{config.num_stages} stages; the base is {base_config.backbone} "
                          f"{base_config.backbone_kwargs} with {base_config.num_stages} stages")
-    model = lorun_from(base, rank=config.rank, gamma=config.gamma, alpha=config.alpha, targets=config.targets,
-                       per_stage=config.per_stage)
+    try:
+        model = lorun_from(base, rank=config.rank, gamma=config.gamma, alpha=config.alpha, targets=config.targets,
+                           per_stage=config.per_stage)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"adapters: {path} has a config that builds no model on this base ({err})") from err
     expected_hash = metadata.get(BASE_HASH_KEY)
     if expected_hash is not None:
         actual = base_fingerprint(base_state(model))

@@ -9,55 +9,112 @@ import argparse
 import csv
 import io as _io
 import json
+import math
+import re
 import sys
+import warnings
 from pathlib import Path
-
-import torch
 
 __all__ = ["main", "build_parser"]
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+# torch is imported inside the commands, not here: the CLI must start, and answer Ctrl-C, before torch has loaded.
+DTYPES = ("bfloat16", "float32", "float64")
+STRATEGY_CHOICES = ("block", "shared", "lorun")
+BACKBONE_CHOICES = ("resunet", "ista_net_plus")
+TRAIN_BACKEND_CHOICES = ("auto", "reference", "merged", "triton")
 
 
 class CLIError(Exception):
     """A usage error with a message for the user (exit status 2)."""
 
 
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
 def _device(name: str | None) -> str:
-    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    return device
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    match = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", name)
+    if match is None or (match.group(1) == "cpu" and match.group(2) is not None):
+        raise CLIError(f"--device {name}: expected cpu, cuda or cuda:N")
+    if match.group(1) == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        index = int(match.group(2) or 0)
+        if index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
 
 
-def _add_task_options(parser, default_ratio=None) -> None:
-    group = parser.add_argument_group("CS task (sampling matrix)")
-    group.add_argument("--ratio", type=int, default=default_ratio,
-                       help="CS ratio in percent: ISTA-Net's phi_0_<ratio>_1089.mat and Initialization_Matrix_<ratio>"
-                            ".mat under $LORUN_DATA/cs_sampling" + (f" (default {default_ratio})" if default_ratio
-                                                                    else "; default: what the checkpoint records"))
-    group.add_argument("--phi", help="sampling matrix .mat (key 'phi', m × 1089) instead of --ratio")
+def _add_task_options(parser) -> None:
+    group = parser.add_argument_group("CS task (sampling matrix; default: what the checkpoint records)")
+    source = group.add_mutually_exclusive_group()
+    source.add_argument("--ratio", type=_percent,
+                        help="CS ratio in percent: ISTA-Net's phi_0_<ratio>_1089.mat and Initialization_Matrix_<ratio>"
+                             ".mat under $LORUN_DATA/cs_sampling")
+    source.add_argument("--phi", help="sampling matrix .mat (key 'phi', m × 1089) instead of --ratio")
     group.add_argument("--qinit", help="initialisation matrix .mat (key 'Qinit', 1089 × m); default Φᵀ")
+    group.add_argument("--force-task", action="store_true",
+                       help="use --ratio/--phi even where the checkpoint records another task (prints a warning)")
+
+
+def _same_operator(a, b) -> bool:
+    import torch
+
+    if a.phi.shape != b.phi.shape or not torch.equal(a.phi.double(), b.phi.double()):
+        return False
+    if (a.qinit is None) != (b.qinit is None):
+        return False
+    return a.qinit is None or torch.equal(a.qinit.double(), b.qinit.double())
 
 
 def _operator(args, checkpoint=None, adapters=None):
-    """The operator from --phi/--qinit, --ratio, or the task the checkpoint records."""
+    """The operator from --phi/--qinit or --ratio, else the task the checkpoint records. A given task that
+    contradicts the recorded one is refused unless --force-task."""
     from lorun_fast.checkpoints import task_of
     from lorun_fast.reference import BlockCS
     from lorun_fast.train import operator_from_task
 
-    if args.phi is not None:
-        return BlockCS.from_mat(args.phi, args.qinit)
-    if args.qinit is not None:
+    if args.qinit is not None and args.phi is None:
         raise CLIError("--qinit needs --phi")
-    if args.ratio is not None:
-        return operator_from_task({"ratio": args.ratio})
+    recorded, source = None, None
     for path in (adapters, checkpoint):
         task = task_of(path) if path is not None else None
         if task is not None:
-            return operator_from_task(task)
-    raise CLIError(f"{args.command}: give --phi (and optionally --qinit), or --ratio to use the shared ISTA-Net files "
-                   f"(the checkpoint does not record its task)")
+            recorded, source = task, path
+            break
+    given_flag = (f"--phi {args.phi}" if args.phi is not None else
+                  f"--ratio {args.ratio}" if args.ratio is not None else None)
+    if given_flag is None:
+        if recorded is None:
+            raise CLIError(f"{args.command}: give --phi (and optionally --qinit), or --ratio to use the shared ISTA-Net "
+                           f"files (the checkpoint does not record its task)")
+        return operator_from_task(recorded)
+    given = BlockCS.from_mat(args.phi, args.qinit) if args.phi is not None else operator_from_task({"ratio": args.ratio})
+    if recorded is None:
+        return given
+    try:
+        expected = operator_from_task(recorded)
+        agrees = _same_operator(given, expected)
+    except (OSError, ValueError, KeyError):  # the recorded files are not here: compare what can be compared
+        expected = None
+        ratio = recorded.get("ratio") or (100 * recorded["gaussian_ratio"] if recorded.get("gaussian_ratio") else None)
+        agrees = None if ratio is None else round(ratio) == round(100 * given.ratio)
+    if agrees is False and not args.force_task:
+        raise CLIError(f"{given_flag} contradicts {source}, which records the task {json.dumps(recorded)}; drop the "
+                       f"task options to use the recorded one, or add --force-task to run it on this task anyway")
+    if agrees is False:
+        warnings.warn(f"{given_flag} is not the task {source} records ({json.dumps(recorded)}); using {given_flag} "
+                      f"as --force-task asks")
+    elif agrees is None:
+        warnings.warn(f"cannot check {given_flag} against the task {source} records ({json.dumps(recorded)}): its "
+                      f"files are not here")
+    return given
 
 
 def _check_sources(args) -> None:
@@ -72,10 +129,19 @@ def _check_sources(args) -> None:
             raise CLIError(f"--{name} {path}: file not found")
 
 
+def _input_files(args) -> dict:
+    """Every file a command reads, by option, so that no output can land on one of them."""
+    names = ("checkpoint", "adapters", "phi", "qinit", "image", "original", "measurement")
+    return {f"--{name}": getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
 def _load(args, operator):
     from lorun_fast.checkpoints import load_model
 
     return load_model(args.checkpoint, operator, getattr(args, "adapters", None))
+
+
+RESULTS_HEADER = ["image", "height", "width", "psnr_db", "ssim", "seconds"]
 
 
 def _write_csv(path: Path, results) -> None:
@@ -83,26 +149,57 @@ def _write_csv(path: Path, results) -> None:
 
     buffer = _io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["image", "height", "width", "psnr_db", "ssim", "seconds"])
+    writer.writerow(RESULTS_HEADER)
     for r in results:
         writer.writerow([r.name, r.height, r.width, f"{r.psnr:.4f}", f"{r.ssim:.6f}", f"{r.seconds:.4f}"])
     atomic_write_text(path, buffer.getvalue())
+
+
+def _earlier_eval_files(out: Path) -> set[str]:
+    """The files an earlier ``eval --out`` wrote into ``out`` (what its results.csv names), which a new evaluation
+    may replace; empty when ``out`` holds no results.csv of ours."""
+    try:
+        rows = list(csv.reader((out / "results.csv").read_text(encoding="utf-8").splitlines()))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return set()
+    if not rows or rows[0] != RESULTS_HEADER:
+        return set()
+    return {"results.csv"} | {f"{row[0]}.png" for row in rows[1:] if row}
+
+
+def _check_eval_out(args, images: list[Path], names: list[str]) -> Path:
+    """Before any compute: ``--out`` is writable, is not the image folder, overwrites no input, and holds nothing
+    but an earlier evaluation's own files where this one will write."""
+    from lorun_fast.io import check_not_inputs, check_output_folder, same_file
+
+    out = Path(args.out)
+    if same_file(out, args.images):
+        raise CLIError(f"--out {out}: is the --images folder; reconstructions would be mixed with (or overwrite) "
+                       f"the originals. Choose another folder")
+    planned = {f"{name}.png": out / f"{name}.png" for name in names}
+    planned["results.csv"] = out / "results.csv"
+    inputs = {**_input_files(args), **{f"--images {p.name}": p for p in images}}
+    for path in planned.values():
+        check_not_inputs({"--out": path}, inputs)
+    check_output_folder(out, planned, _earlier_eval_files(out), "--out")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # eval
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_eval(args) -> int:
-    from lorun_fast.evaluate import evaluate_folder, format_table, mean_scores
+    from lorun_fast.evaluate import evaluate_cs, format_table, mean_scores, output_names
     from lorun_fast.io import list_images
 
     device = _device(args.device)
     _check_sources(args)
-    list_images(args.images)  # a bad folder fails before the model is built
+    images = list_images(args.images)  # a bad folder fails before the model is built
+    names = output_names(images)
+    out = _check_eval_out(args, images, names) if args.out else None
     model = _load(args, _operator(args, args.checkpoint, args.adapters))
-    out = Path(args.out) if args.out else None
-    results = evaluate_folder(model, args.images, out_dir=out, device=device, dtype=DTYPES[args.dtype],
-                              progress=not args.quiet)
+    results = evaluate_cs(model, images, out_dir=out, device=device, dtype=_dtype(args.dtype),
+                          progress=not args.quiet)
     print(format_table(results))
     if out is not None:
         _write_csv(out / "results.csv", results)
@@ -119,25 +216,40 @@ def cmd_restore(args) -> int:
     import time
 
     import numpy as np
+    import torch
 
-    from lorun_fast.evaluate import ista_pad, reconstruct_cs
-    from lorun_fast.io import read_gray, write_png_atomic
+    from lorun_fast.evaluate import check_finite_output, check_scorable, ista_pad, reconstruct_cs
+    from lorun_fast.io import check_not_inputs, check_writable_folder, read_gray, same_file, write_png_atomic
     from lorun_fast.metrics import psnr, ssim
 
-    if (args.image is None) == (args.measurement is None):
-        raise CLIError("restore: give exactly one of --image (an image to measure and reconstruct) or "
-                       "--measurement (a .npy of block measurements)")
     if Path(args.out).suffix.lower() != ".png":
         raise CLIError(f"--out {args.out}: expected a .png file name")
+    if args.size is not None and args.measurement is None:
+        raise CLIError("--size: only with --measurement (an --image keeps its own size)")
+    if args.save_measurement is not None and args.image is None:
+        raise CLIError("--save-measurement: only with --image (the measurement simulated from it)")
+    if args.save_measurement is not None and same_file(args.out, args.save_measurement):
+        raise CLIError(f"--save-measurement {args.save_measurement}: is the --out file")
     _check_sources(args)
+    check_not_inputs({"--out": args.out, "--save-measurement": args.save_measurement}, _input_files(args))
+    for path, what in ((args.out, "--out"), (args.save_measurement, "--save-measurement")):
+        if path is not None:
+            if Path(path).is_dir():
+                raise CLIError(f"{what} {path}: is a folder; expected a file name")
+            check_writable_folder(Path(path).parent, f"{what} {path}: its folder")
     device = _device(args.device)
-    dtype = DTYPES[args.dtype]
+    dtype = _dtype(args.dtype)
     original = read_gray(args.image) if args.image else None
     reference = read_gray(args.original) if args.original else original
+    if reference is not None:
+        check_scorable(reference, args.original or args.image)
+    if original is not None and reference is not None and reference.shape != original.shape:
+        raise CLIError(f"--original {args.original}: {reference.shape[0]}x{reference.shape[1]} does not match "
+                       f"--image {args.image} ({original.shape[0]}x{original.shape[1]})")
     model = _load(args, _operator(args, args.checkpoint, args.adapters)).to(device=device, dtype=dtype).eval()
     operator = model.operator
-    start = time.perf_counter()
     if original is not None:
+        start = time.perf_counter()
         x_rec = reconstruct_cs(model, original, device, dtype)
         if args.save_measurement:
             padded = ista_pad(original.astype(np.float64) / 255.0, operator.block_size)
@@ -149,18 +261,21 @@ def cmd_restore(args) -> int:
         hp, wp = y.shape[2] * operator.block_size, y.shape[3] * operator.block_size
         size = tuple(args.size) if args.size else (hp, wp)
         if not (0 < size[0] <= hp and 0 < size[1] <= wp):
-            raise CLIError(f"--size {size[0]} {size[1]}: the measurement covers {hp}×{wp} pixels")
+            raise CLIError(f"--size {size[0]} {size[1]}: the measurement {args.measurement} covers only "
+                           f"{hp}×{wp} pixels")
+        if reference is not None and reference.shape != size:
+            raise CLIError(f"--original {args.original}: {reference.shape[0]}x{reference.shape[1]} does not match "
+                           f"the reconstruction's {size[0]}x{size[1]} (set it with --size H W)")
+        start = time.perf_counter()
         with torch.no_grad():
             x = model(y.to(device=device, dtype=dtype), (hp, wp))
+        check_finite_output(x, f"--measurement {args.measurement}")
         x_rec = np.clip(x[0, 0, :size[0], :size[1]].double().cpu().numpy(), 0.0, 1.0)
     seconds = time.perf_counter() - start
     write_png_atomic(args.out, x_rec)
     print(f"reconstruction ({x_rec.shape[0]}x{x_rec.shape[1]}, CS ratio {operator.ratio:.4f}) written to {args.out} "
           f"in {seconds:.2f} s")
     if reference is not None:
-        if reference.shape != x_rec.shape:
-            raise CLIError(f"--original: {reference.shape[0]}x{reference.shape[1]} does not match the "
-                           f"reconstruction {x_rec.shape[0]}x{x_rec.shape[1]}")
         ref = reference.astype(np.float64)
         print(f"PSNR {psnr(x_rec * 255.0, ref):.2f} dB, SSIM {ssim(x_rec * 255.0, ref):.4f}")
     return 0
@@ -177,23 +292,34 @@ def _save_npy(path, array) -> None:
     print(f"measurement {tuple(array.shape)} written to {path}")
 
 
-def _load_measurement(path, operator) -> torch.Tensor:
+def _load_measurement(path, operator):
+    """Block measurements (Hb, Wb, m) from a .npy file, checked to be real, finite, non-empty and of this Φ."""
     import numpy as np
+    import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise CLIError(f"--measurement {path}: is a folder; expected a .npy file")
     if not path.is_file():
-        raise FileNotFoundError(f"--measurement: {path} does not exist")
+        raise CLIError(f"--measurement {path}: file not found")
     try:
         array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise ValueError(f"--measurement: {path} is not a readable .npy file ({err})") from err
-    y = torch.from_numpy(np.asarray(array, dtype=np.float64))
-    if y.dim() == 3:
-        y = y[None, None]
-    if y.dim() != 5 or y.shape[-1] != operator.num_measurements:
-        raise ValueError(f"--measurement: {path} has shape {tuple(array.shape)}; expected (Hb, Wb, "
-                         f"{operator.num_measurements}) block measurements for this Φ")
-    return y
+    except (ValueError, OSError, EOFError) as err:
+        raise CLIError(f"--measurement {path}: is not a readable .npy file ({err})") from err
+    m = operator.num_measurements
+    expected = f"(Hb, Wb, {m}) block measurements for this Φ"
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
+        kind = getattr(array, "dtype", type(array).__name__)
+        raise CLIError(f"--measurement {path}: holds {kind} data; expected real numbers, {expected}")
+    shape = tuple(array.shape)
+    if array.ndim == 3:
+        array = array[None, None]
+    if array.ndim != 5 or array.shape[-1] != m or min(array.shape) < 1:
+        raise CLIError(f"--measurement {path}: has shape {shape}; expected {expected}")
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise CLIError(f"--measurement {path}: holds {bad} non-finite value(s) (NaN or inf)")
+    return torch.from_numpy(np.asarray(array, dtype=np.float64))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,6 +341,22 @@ def _describe_rows(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+_ARCHITECTURE_OPTIONS = ("backbone", "channels", "blocks", "stages", "rank", "gamma", "alpha", "targets", "per_stage")
+
+
+def _backbone_kwargs(args) -> dict:
+    backbone = args.backbone or "resunet"
+    if backbone == "resunet":
+        return {"channels": args.channels or 16, "num_blocks": 1 if args.blocks is None else args.blocks}
+    if args.blocks is not None:
+        raise CLIError("--blocks: only the resunet backbone has residual blocks")
+    return {"channels": args.channels or 32}
+
+
+def _split(text: str | None) -> tuple[str, ...]:
+    return tuple(item for item in (text or "").split(",") if item)
+
+
 def cmd_describe(args) -> int:
     from lorun_fast.models import ModelConfig, build_dun, lorun_from
     from lorun_fast.reference import BlockCS
@@ -222,6 +364,10 @@ def cmd_describe(args) -> int:
     operator = BlockCS.gaussian(0.1)  # parameter counts do not depend on Φ
     _check_sources(args)
     if args.checkpoint:
+        given = [f"--{name.replace('_', '-')}" for name in _ARCHITECTURE_OPTIONS if getattr(args, name) is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)}: describe --checkpoint reads the architecture from the file; drop "
+                           f"{'them' if len(given) > 1 else 'it'}")
         from lorun_fast.checkpoints import load_model
 
         model = load_model(args.checkpoint, operator, args.adapters)
@@ -236,28 +382,27 @@ def cmd_describe(args) -> int:
         return 0
     if args.adapters:
         raise CLIError("describe: --adapters needs --checkpoint (the base)")
-    kwargs = {"channels": args.channels or (32 if args.backbone == "ista_net_plus" else 16)}
-    if args.backbone == "resunet":
-        kwargs["num_blocks"] = 1 if args.blocks is None else args.blocks
-    elif args.blocks is not None:
-        raise CLIError("--blocks: only the resunet backbone has residual blocks")
-    targets = tuple(args.targets.split(","))
-    per_stage = tuple(s for s in (args.per_stage or "").split(",") if s)
+    if args.rank is not None and args.gamma is not None:
+        raise CLIError("--rank and --gamma: give one (a fixed rank, or the rule r = ceil(min(in, out)·γ/100))")
+    backbone = args.backbone or "resunet"
+    kwargs = _backbone_kwargs(args)
+    stages = args.stages or 9
+    gamma = 10.0 if args.gamma is None else args.gamma
+    targets = _split(args.targets) or ("*",)
+    per_stage = _split(args.per_stage)
     rows = []
     for strategy in ("block", "shared"):
-        config = ModelConfig(strategy=strategy, num_stages=args.stages, backbone=args.backbone,
-                             backbone_kwargs=kwargs)
+        config = ModelConfig(strategy=strategy, num_stages=stages, backbone=backbone, backbone_kwargs=kwargs)
         rows.append((strategy, build_dun(operator, config).parameter_counts()))
-    shared = build_dun(operator, ModelConfig(strategy="shared", num_stages=args.stages, backbone=args.backbone,
+    shared = build_dun(operator, ModelConfig(strategy="shared", num_stages=stages, backbone=backbone,
                                              backbone_kwargs=kwargs))
-    lorun = lorun_from(shared, rank=args.rank, gamma=args.gamma, alpha=args.alpha, targets=targets,
-                       per_stage=per_stage)
+    lorun = lorun_from(shared, rank=args.rank, gamma=gamma, alpha=args.alpha, targets=targets, per_stage=per_stage)
     rows.append(("lorun", lorun.parameter_counts()))
     if args.json:
         print(json.dumps([{"model": name, **counts} for name, counts in rows]))
         return 0
-    rule = f"rank {args.rank}" if args.rank else f"γ = {args.gamma:g}"
-    print(f"{args.backbone} {kwargs}, {args.stages} stages, LoRA {rule} on {list(targets)}"
+    rule = f"rank {args.rank}" if args.rank else f"γ = {gamma:g}"
+    print(f"{backbone} {kwargs}, {stages} stages, LoRA {rule} on {list(targets)}"
           + (f", per-stage {list(per_stage)}" if per_stage else ""))
     print(_describe_rows(rows))
     print("lorun: 'trainable' is phase 2 (adapters, step sizes and per-stage parameters; the base is frozen)")
@@ -267,58 +412,137 @@ def cmd_describe(args) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # train
 # ----------------------------------------------------------------------------------------------------------------
+#: train's options → the TrainConfig field each sets (messages speak of options, the config of fields)
+TRAIN_FIELDS = {
+    "strategy": "strategy", "stages": "num_stages", "backbone": "backbone", "channels": "backbone_kwargs",
+    "blocks": "backbone_kwargs", "rank": "rank", "gamma": "gamma", "alpha": "alpha", "targets": "targets",
+    "per_stage": "per_stage", "ratio": "ratio", "phi": "phi", "qinit": "qinit", "gaussian": "gaussian_seed",
+    "base": "base", "base_phase": "base_phase", "steps": "steps", "phase1_steps": "phase1_steps",
+    "train_images": "train_images", "val_images": "val_images", "val_every": "val_every", "val_limit": "val_limit",
+    "crop": "crop", "batch_size": "batch_size", "no_augment": "augment", "lr": "lr", "lr_phase2": "lr_phase2",
+    "min_lr_ratio": "min_lr_ratio", "warmup": "warmup_steps", "weight_decay": "weight_decay",
+    "grad_clip": "grad_clip", "seed": "seed", "precision": "precision", "backend": "backend",
+    "log_every": "log_every", "checkpoint_every": "checkpoint_every", "adapter_name": "adapter_name",
+}
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _explicit(args) -> dict:
+    """The train options given on the command line with a value other than their default."""
+    defaults = vars(build_parser().parse_args(["train", "--out", "-"]))
+    return {dest: getattr(args, dest) for dest in TRAIN_FIELDS if getattr(args, dest) != defaults.get(dest)}
+
+
+def _base_options(args) -> tuple[str, dict]:
+    """The backbone of a --base, after refusing --backbone/--channels/--blocks that contradict it."""
+    from lorun_fast.train import base_architecture
+
+    if not Path(args.base).is_file():
+        raise CLIError(f"--base {args.base}: file not found")
+    arch = base_architecture(args.base)
+    kwargs = arch.backbone_kwargs
+    given = {"--backbone": (args.backbone, arch.backbone), "--channels": (args.channels, kwargs.get("channels")),
+             "--blocks": (args.blocks, kwargs.get("num_blocks"))}
+    for option, (value, found) in given.items():
+        if value is not None and value != found:
+            raise CLIError(f"{option} {value} contradicts --base {args.base}, a {arch.backbone} {kwargs}: phase 2 "
+                           f"trains adapters on the base as it is; drop {option}")
+    return arch.backbone, dict(kwargs)
+
+
 def _train_config(args):
     from lorun_fast.train import TrainConfig
 
-    kwargs = {}
-    if args.backbone == "resunet":
-        kwargs = {"channels": args.channels or 16, "num_blocks": 1 if args.blocks is None else args.blocks}
+    if args.phi is not None and args.ratio is not None:
+        raise CLIError("--ratio and --phi: give one (a ratio uses ISTA-Net's matrices or, with --gaussian, a "
+                       "seeded Gaussian Φ)")
+    if args.rank is not None and args.gamma is not None:
+        raise CLIError("--rank and --gamma: give one (a fixed rank, or the rule r = ceil(min(in, out)·γ/100))")
+    if args.base is not None:
+        backbone, kwargs = _base_options(args)
     else:
-        if args.blocks is not None:
-            raise CLIError("--blocks: only the resunet backbone has residual blocks")
-        kwargs = {"channels": args.channels or 32}
+        backbone, kwargs = args.backbone or "resunet", _backbone_kwargs(args)
     return TrainConfig(
-        strategy=args.strategy, num_stages=args.stages, backbone=args.backbone, backbone_kwargs=kwargs,
-        rank=args.rank, gamma=args.gamma, alpha=args.alpha, targets=args.targets.split(","),
-        per_stage=[s for s in (args.per_stage or "").split(",") if s],
-        ratio=args.ratio, phi=args.phi, qinit=args.qinit, gaussian_seed=args.gaussian,
-        base=args.base, base_phase=args.base_phase, steps=args.steps, phase1_steps=args.phase1_steps,
-        train_images=args.train_images, val_images=args.val_images, val_every=args.val_every,
-        val_limit=args.val_limit, crop=args.crop, batch_size=args.batch_size, augment=not args.no_augment,
-        lr=args.lr, lr_phase2=args.lr_phase2, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip or None, seed=args.seed,
+        strategy=args.strategy, num_stages=args.stages, backbone=backbone, backbone_kwargs=kwargs,
+        rank=args.rank, gamma=10.0 if args.gamma is None else args.gamma, alpha=args.alpha,
+        targets=list(_split(args.targets)) or ["*"], per_stage=list(_split(args.per_stage)),
+        ratio=25 if args.ratio is None and args.phi is None else args.ratio, phi=args.phi, qinit=args.qinit,
+        gaussian_seed=args.gaussian, base=args.base, base_phase=args.base_phase, steps=args.steps,
+        phase1_steps=args.phase1_steps, train_images=args.train_images, val_images=args.val_images,
+        val_every=args.val_every, val_limit=args.val_limit, crop=args.crop, batch_size=args.batch_size,
+        augment=not args.no_augment, lr=args.lr, lr_phase2=args.lr_phase2, min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip or None, seed=args.seed,
         precision=args.precision, backend=args.backend, log_every=args.log_every,
         checkpoint_every=args.checkpoint_every, adapter_name=args.adapter_name)
 
 
+def _as_option_error(err: ValueError) -> CLIError:
+    """A TrainConfig message (``field: ...``) spoken in options (``--field: ...``)."""
+    text = str(err)
+    field_name, colon, rest = text.partition(":")
+    options = [dest for dest, f in TRAIN_FIELDS.items() if f == field_name.strip()]
+    if colon and options:
+        return CLIError(f"{'/'.join(_option(d) for d in options)}:{rest}")
+    return CLIError(text)
+
+
+def _ignored_on_resume(args, recorded) -> list[str]:
+    """One line per option given with --resume whose value differs from what the run records (and is not used)."""
+    lines = []
+    recorded_dict = recorded.to_dict()
+    for dest, value in _explicit(args).items():
+        field_name = TRAIN_FIELDS[dest]
+        shown = recorded_dict[field_name]
+        if dest in ("channels", "blocks"):
+            shown = recorded_dict["backbone_kwargs"].get("channels" if dest == "channels" else "num_blocks")
+        elif dest == "no_augment":
+            value, shown = True, not recorded_dict["augment"]
+        elif dest in ("targets", "per_stage"):
+            value = list(_split(value))
+        if value != shown:
+            lines.append(f"{_option(dest)} {value} is not used: the run records {field_name}={shown!r}")
+    return lines
+
+
 def cmd_train(args) -> int:
-    from lorun_fast.train import TrainConfig, run_training
+    import torch
+
+    from lorun_fast.train import check_run_folder, read_recorded_config, run_training
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = _device(args.device)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out}: exists and is not a folder")
-    existing = (out / "config.json").is_file() or (out / "last.json").is_file()
-    if existing and not args.resume:
-        raise CLIError(f"--out {out}: already holds a training run; pass --resume to continue it, or choose "
-                       f"another folder")
-    if args.resume and (out / "config.json").is_file() and (out / "last.json").is_file():
-        try:
-            config = TrainConfig.from_dict(json.loads((out / "config.json").read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, TypeError) as err:
-            raise ValueError(f"resume: {out / 'config.json'} is corrupt ({err})") from err
-        last = json.loads((out / "last.json").read_text(encoding="utf-8"))
-        print(f"resuming {out} at step {last.get('step')} of {config.steps} with its saved config.json "
-              f"(model, data and optimiser options on this command line are not used)", file=sys.stderr)
+    try:
+        kind = check_run_folder(out, args.resume)
+    except OSError as err:
+        raise CLIError(f"--out: {err}") from err
+    if kind in ("resume", "restart"):
+        config = read_recorded_config(out)
+        for line in _ignored_on_resume(args, config):
+            print(f"warning: {line}", file=sys.stderr)
+        where = "from its last checkpoint" if kind == "resume" else "from step 0 (it never reached a checkpoint)"
+        print(f"resuming {out} {where} with its saved config.json ({config.steps} steps)", file=sys.stderr)
     else:
+        if args.resume:
+            print(f"--resume: nothing to resume in {out}; starting a new run", file=sys.stderr)
         config = _train_config(args)
+        try:
+            config.validate()
+        except ValueError as err:
+            raise _as_option_error(err) from err
         for name, path, folder in (("--train-images", config.train_images, True),
-                                   ("--val-images", config.val_images, True), ("--base", config.base, False)):
-            if path is not None and not (Path(path).is_dir() if folder else Path(path).is_file()):
-                raise CLIError(f"{name} {path}: {'folder' if folder else 'file'} not found")
-    trainer, summary = run_training(config, out, device=_device(args.device), resume=args.resume,
-                                    stop_at=args.stop_at, quiet=args.quiet, install_signal_handlers=True)
+                                   ("--val-images", config.val_images, True)):
+            if path is not None and not Path(path).is_dir():
+                raise CLIError(f"{name} {path}: folder not found")
+    try:
+        trainer, summary = run_training(config, out, device=device, resume=args.resume, stop_at=args.stop_at,
+                                        quiet=args.quiet, install_signal_handlers=True)
+    except ValueError as err:
+        raise _as_option_error(err) from err
     if trainer.rank != 0:
         return 0
     if summary is None:
@@ -337,16 +561,29 @@ def cmd_train(args) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # the parser
 # ----------------------------------------------------------------------------------------------------------------
-def _positive(kind):
+def _number(kind, low=None, high=None, low_open=False):
+    """An argparse type: a finite ``kind`` in [low, high] (``low_open``: > low), with a message naming the bound."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}")
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected > 0, got {text}")
+            raise argparse.ArgumentTypeError(f"expected {'an int' if kind is int else 'a number'}, got {text!r}")
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"expected {'>' if low_open else '≥'} {low}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"expected ≤ {high}, got {text}")
         return value
     return parse
+
+
+def _positive(kind):
+    return _number(kind, 0, low_open=True)
+
+
+_percent = _number(int, 0, 100, low_open=True)
+_gamma = _number(float, 0, 100, low_open=True)
 
 
 def _add_model_source(parser, required=True) -> None:
@@ -355,51 +592,65 @@ def _add_model_source(parser, required=True) -> None:
     parser.add_argument("--adapters", help="an adapters-<name>.safetensors set to put on the base in --checkpoint")
 
 
+def _add_lora_options(group) -> None:
+    rank = group.add_mutually_exclusive_group()
+    rank.add_argument("--rank", type=_positive(int), help="LoRA rank of every layer (clamped, with a warning, to a "
+                      "layer's min(in, out)); default: the γ rule")
+    rank.add_argument("--gamma", type=_gamma, help="rank rule r = ceil(min(in, out)·γ/100) (default 10)")
+    group.add_argument("--alpha", type=_positive(float), help="LoRA alpha > 0 (default: the rank, so the scale is 1)")
+    group.add_argument("--targets", help="comma-separated globs of the convolutions given adapters (default *)")
+    group.add_argument("--per-stage", help="comma-separated base parameters made per stage in phase 2 (e.g. soft_thr)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorun-fast", description="LoRA-unfolding networks for block compressive "
                                      "sensing: train, evaluate, restore, describe. Data is found through LORUN_DATA "
                                      "(default ../shared/data).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,restore,describe}")
     fmt = argparse.ArgumentDefaultsHelpFormatter
+    device_help = "cpu, cuda or cuda:N (default: cuda when available)"
 
     # -- train ---------------------------------------------------------------------------------------------------
     tr = commands.add_parser(
         "train", help="train a block, shared or lorun DUN (two phases for lorun)", formatter_class=fmt,
         description="Train a DUN for block CS on random crops of an image folder (measured on the fly with Φ). "
                     "lorun: phase 1 trains the weight-tied (shared) DUN for --phase1-steps (or takes --base), phase 2 "
-                    "freezes it and trains per-stage LoRA adapters and step sizes. Checkpoints go to --out; Ctrl-C "
-                    "saves one, and --resume continues exactly where it stopped. Multi-process: "
+                    "freezes it and trains per-stage LoRA adapters and step sizes. Checkpoints go to --out, a new or "
+                    "empty folder (or the run's own with --resume: nothing else is ever overwritten); Ctrl-C saves "
+                    "one, and --resume continues exactly where it stopped. Multi-process: "
                     "torchrun --nproc_per_node N -m lorun_fast train ...")
-    tr.add_argument("--out", required=True, help="run folder (config, log.jsonl, checkpoints, final files)")
+    tr.add_argument("--out", required=True, help="run folder (config, log.jsonl, checkpoints, final files): new or "
+                    "empty, or an earlier run with --resume")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
-                    "with its saved config.json (starts fresh when there is none)")
+                    "with its saved config.json (options that differ are named and not used; a new or empty "
+                    "--out starts a new run)")
     g = tr.add_argument_group("model")
-    g.add_argument("--strategy", choices=("block", "shared", "lorun"), default="lorun")
+    g.add_argument("--strategy", choices=STRATEGY_CHOICES, default="lorun")
     g.add_argument("--stages", type=_positive(int), default=9, help="number of DUN stages K")
-    g.add_argument("--backbone", choices=("resunet", "ista_net_plus"), default="resunet")
+    g.add_argument("--backbone", choices=BACKBONE_CHOICES, help="default resunet (or the --base's)")
     g.add_argument("--channels", type=_positive(int), help="width c (resunet: [c,2c,4c,8c]; default 16, "
                    "ista_net_plus 32)")
-    g.add_argument("--blocks", type=int, help="resunet residual blocks per level (default 1)")
-    g.add_argument("--rank", type=_positive(int), help="LoRA rank of every layer (default: the γ rule)")
-    g.add_argument("--gamma", type=float, default=10.0, help="rank rule r = ceil(min(in, out)·γ/100)")
-    g.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, so the scale is 1)")
-    g.add_argument("--targets", default="*", help="comma-separated globs of the convolutions given adapters")
-    g.add_argument("--per-stage", help="comma-separated base parameters made per stage in phase 2 (e.g. soft_thr)")
+    g.add_argument("--blocks", type=_number(int, 0), help="resunet residual blocks per level (default 1)")
+    _add_lora_options(g)
     g = tr.add_argument_group("CS task")
-    g.add_argument("--ratio", type=int, default=25, help="CS ratio in percent (ISTA-Net's matrices unless --gaussian)")
-    g.add_argument("--phi", help="sampling matrix .mat instead of the ratio's")
+    source = g.add_mutually_exclusive_group()
+    source.add_argument("--phi", help="sampling matrix .mat instead of the ratio's")
+    source.add_argument("--gaussian", type=_number(int, 0), metavar="SEED",
+                        help="use a seeded Gaussian Φ at --ratio (no files)")
+    g.add_argument("--ratio", type=_percent, help="CS ratio in percent (default 25; ISTA-Net's matrices unless "
+                   "--gaussian)")
     g.add_argument("--qinit", help="initialisation matrix .mat for --phi")
-    g.add_argument("--gaussian", type=int, metavar="SEED", help="use a seeded Gaussian Φ at --ratio (no files)")
     g = tr.add_argument_group("lorun phases")
     g.add_argument("--base", help="phase 1 given: a .safetensors shared/base/lorun DUN, or a block model (e.g. a "
-                   "published ISTA-Net+ .pkl) with --base-phase")
-    g.add_argument("--base-phase", type=int, help="which stage of a block --base is the shared base")
+                   "published ISTA-Net+ .pkl) with --base-phase; its architecture is used")
+    g.add_argument("--base-phase", type=_number(int, 0), help="which stage of a block --base is the shared base")
     g.add_argument("--steps", type=_positive(int), default=1000, help="optimizer steps in all (lorun: both phases)")
-    g.add_argument("--phase1-steps", type=int, help="lorun: steps of phase 1 (default half of --steps)")
+    g.add_argument("--phase1-steps", type=_number(int, 0), help="lorun: steps of phase 1 (default half of --steps)")
     g = tr.add_argument_group("data")
     g.add_argument("--train-images", help="training image folder (default $LORUN_DATA/Train400)")
     g.add_argument("--val-images", help="held-out folder validated with the ISTA-Net protocol every --val-every")
-    g.add_argument("--val-every", type=int, default=0, help="validate every N steps and at the end (0: never)")
+    g.add_argument("--val-every", type=_number(int, 0), default=0, help="validate on --val-images every N steps and "
+                   "at the end (0: never)")
     g.add_argument("--val-limit", type=_positive(int), help="validate on the first N images only")
     g.add_argument("--crop", type=_positive(int), default=66, help="square crop size (any; padded to 33-blocks)")
     g.add_argument("--batch-size", type=_positive(int), default=8, help="global batch (split over processes)")
@@ -407,22 +658,23 @@ def build_parser() -> argparse.ArgumentParser:
     g = tr.add_argument_group("optimisation")
     g.add_argument("--lr", type=_positive(float), default=1e-3, help="Adam learning rate (phase 1)")
     g.add_argument("--lr-phase2", type=_positive(float), help="lorun phase 2 learning rate (default --lr)")
-    g.add_argument("--min-lr-ratio", type=float, default=0.01, help="cosine floor as a fraction of the lr")
-    g.add_argument("--warmup", type=int, default=0, help="linear warm-up steps per phase")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the data")
+    g.add_argument("--min-lr-ratio", type=_number(float, 0, 1), default=0.01,
+                   help="cosine floor as a fraction of the lr")
+    g.add_argument("--warmup", type=_number(int, 0), default=0, help="linear warm-up steps per phase")
+    g.add_argument("--weight-decay", type=_number(float, 0), default=0.0)
+    g.add_argument("--grad-clip", type=_number(float, 0), default=1.0, help="max gradient norm (0: no clipping)")
+    g.add_argument("--seed", type=_number(int, 0), default=0, help="seed of the initialisation and of the data")
     g.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16: autocast of the forward pass")
-    g.add_argument("--backend", choices=("auto", "reference", "merged", "triton"), default="auto",
+    g.add_argument("--backend", choices=TRAIN_BACKEND_CHOICES, default="auto",
                    help="LoRA layers in phase 2: fused (auto: triton on CUDA, merged on CPU) or peft's reference")
     g = tr.add_argument_group("run")
     g.add_argument("--log-every", type=_positive(int), default=10, help="log.jsonl train events every N steps")
-    g.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N steps (0: only at phase "
-                   "ends, on stop and at the end)")
-    g.add_argument("--adapter-name", help="name of the adapter set file (default cs<ratio>)")
+    g.add_argument("--checkpoint-every", type=_number(int, 0), default=100, help="checkpoint every N steps (0: only "
+                   "at phase ends, on stop and at the end)")
+    g.add_argument("--adapter-name", help="name of the adapter set file, a plain name (default cs<ratio>)")
     g.add_argument("--stop-at", type=_positive(int), help="save a checkpoint and stop at this step (resume later)")
-    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--device", help=device_help)
     g.add_argument("--threads", type=_positive(int), help="torch CPU threads")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_train)
@@ -435,9 +687,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_source(ev)
     ev.add_argument("--images", required=True, help="folder of test images (e.g. $LORUN_DATA/Set11)")
     _add_task_options(ev)
-    ev.add_argument("--out", help="folder for reconstructions (PNG) and results.csv")
-    ev.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    ev.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ev.add_argument("--out", help="folder for reconstructions (PNG) and results.csv: new, empty or an earlier "
+                    "evaluation's (never the --images folder; nothing else in it is overwritten)")
+    ev.add_argument("--device", help=device_help)
+    ev.add_argument("--dtype", choices=DTYPES, default="float32")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 
@@ -447,41 +700,49 @@ def build_parser() -> argparse.ArgumentParser:
                              "PNG out, with PSNR/SSIM against the original. Or reconstruct a saved measurement "
                              "(--measurement y.npy of shape (Hb, Wb, m)); PSNR then needs --original.")
     _add_model_source(rs)
-    rs.add_argument("--image", help="the original image to measure and reconstruct")
-    rs.add_argument("--measurement", help="a .npy of block measurements (Hb, Wb, m) instead of --image")
+    source = rs.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="the original image to measure and reconstruct")
+    source.add_argument("--measurement", help="a .npy of block measurements (Hb, Wb, m) instead of --image")
     rs.add_argument("--size", type=_positive(int), nargs=2, metavar=("H", "W"),
                     help="with --measurement: crop the reconstruction to H×W")
     rs.add_argument("--original", help="reference image for PSNR/SSIM (default: --image)")
-    rs.add_argument("--out", required=True, help="the reconstruction (.png)")
-    rs.add_argument("--save-measurement", help="also save the simulated measurement as .npy")
+    rs.add_argument("--out", required=True, help="the reconstruction (.png; never one of the inputs)")
+    rs.add_argument("--save-measurement", help="with --image: also save the simulated measurement as .npy")
     _add_task_options(rs)
-    rs.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    rs.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    rs.add_argument("--device", help=device_help)
+    rs.add_argument("--dtype", choices=DTYPES, default="float32")
     rs.set_defaults(func=cmd_restore)
 
     # -- describe ------------------------------------------------------------------------------------------------
     ds = commands.add_parser("describe", help="parameter counts per strategy and per stage", formatter_class=fmt,
                              description="Parameter counts (total, trainable, shared, per stage) of the block, shared "
-                             "and lorun strategies for a backbone, or of one checkpoint (--checkpoint [--adapters]).")
+                             "and lorun strategies for a backbone, or of one checkpoint (--checkpoint [--adapters]; "
+                             "its architecture comes from the file).")
     _add_model_source(ds, required=False)
-    ds.add_argument("--backbone", choices=("resunet", "ista_net_plus"), default="resunet")
+    ds.add_argument("--backbone", choices=BACKBONE_CHOICES, help="default resunet")
     ds.add_argument("--channels", type=_positive(int), help="width (default 16 for resunet, 32 for ista_net_plus)")
-    ds.add_argument("--blocks", type=int, help="resunet residual blocks per level (default 1)")
-    ds.add_argument("--stages", type=_positive(int), default=9)
-    ds.add_argument("--rank", type=_positive(int), help="LoRA rank (default: the γ rule)")
-    ds.add_argument("--gamma", type=float, default=10.0)
-    ds.add_argument("--alpha", type=float)
-    ds.add_argument("--targets", default="*")
-    ds.add_argument("--per-stage", help="comma-separated base parameters made per stage (e.g. soft_thr)")
+    ds.add_argument("--blocks", type=_number(int, 0), help="resunet residual blocks per level (default 1)")
+    ds.add_argument("--stages", type=_positive(int), help="default 9")
+    _add_lora_options(ds)
     ds.add_argument("--json", action="store_true", help="print JSON")
     ds.set_defaults(func=cmd_describe)
     return parser
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        args = build_parser().parse_args(argv)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = _print_warning
+            return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except CLIError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

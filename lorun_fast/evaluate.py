@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from lorun_fast.io import list_images, read_gray, write_png_atomic
-from lorun_fast.metrics import psnr, ssim
+from lorun_fast.metrics import SSIM_WIN_SIZE, psnr, ssim
 from lorun_fast.reference import DUN, BlockCS
 
-__all__ = ["ImageResult", "ista_pad", "reconstruct_cs", "evaluate_cs", "format_table"]
+__all__ = ["ImageResult", "ista_pad", "reconstruct_cs", "evaluate_cs", "format_table", "output_names",
+           "check_finite_output", "check_scorable"]
 
 
 @dataclass
@@ -37,6 +38,37 @@ def ista_pad(image: np.ndarray, block_size: int = 33) -> np.ndarray:
     return np.pad(image, ((0, block_size - h % block_size), (0, block_size - w % block_size)))
 
 
+def output_names(paths: list[Path]) -> list[str]:
+    """The name of each input's result row and reconstruction (``<name>.png``): the file's stem, or its whole name
+    where two inputs share a stem (``a.png`` and ``a.tif``), so that no result overwrites another. Raises if the
+    names still collide."""
+    stems = [Path(p).stem.casefold() for p in paths]
+    names = [Path(p).stem if stems.count(stem) == 1 else Path(p).name for p, stem in zip(paths, stems)]
+    seen: dict[str, Path] = {}
+    for name, path in zip(names, paths):
+        key = name.casefold()
+        if key in seen:
+            raise ValueError(f"images: {seen[key].name} and {Path(path).name} would both be written as {name}.png; "
+                             f"rename one of them")
+        seen[key] = Path(path)
+    return names
+
+
+def check_finite_output(x: torch.Tensor, what) -> None:
+    """A reconstruction with NaN or inf is an error, not a number: its PSNR would print as nan."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise FloatingPointError(f"{what}: the reconstruction holds {bad} non-finite value(s) (NaN or inf) of "
+                                 f"{x.numel()}; the model or its input is broken")
+
+
+def check_scorable(image: np.ndarray, what) -> None:
+    """SSIM needs at least a 7×7 image; say so with the file's name before any work is done on it."""
+    if image.shape[0] < SSIM_WIN_SIZE or image.shape[1] < SSIM_WIN_SIZE:
+        raise ValueError(f"{what}: {image.shape[0]}×{image.shape[1]} is too small to score; SSIM needs at least "
+                         f"{SSIM_WIN_SIZE}×{SSIM_WIN_SIZE} pixels")
+
+
 @torch.no_grad()
 def reconstruct_cs(model: DUN, image: np.ndarray, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.float32) -> np.ndarray:
@@ -51,28 +83,35 @@ def reconstruct_cs(model: DUN, image: np.ndarray, device: torch.device | str = "
     x = torch.from_numpy(padded).to(device=device, dtype=dtype)[None, None]
     y = operator.A(x)
     x_rec = model(y, tuple(x.shape[-2:]))
+    check_finite_output(x_rec, "model")
     return np.clip(x_rec[0, 0, :h, :w].double().cpu().numpy(), 0.0, 1.0)
 
 
 def evaluate_cs(model: DUN, images: list[Path], out_dir: Path | None = None, device: str = "cpu",
                 dtype: torch.dtype = torch.float32, progress: bool = False) -> list[ImageResult]:
-    """Run the protocol over ``images``; reconstructions go to ``out_dir/<name>.png`` when it is given."""
+    """Run the protocol over ``images``; reconstructions go to ``out_dir/<name>.png`` (names from
+    :func:`output_names`) when it is given."""
+    names = output_names(images)
     model = model.to(device=device, dtype=dtype).eval()
     results = []
     iterator = images
     if progress:
         from tqdm import tqdm
         iterator = tqdm(images, desc="eval", unit="img")
-    for path in iterator:
+    for name, path in zip(names, iterator):
         original = read_gray(path)
+        check_scorable(original, path)
         start = time.perf_counter()
-        x_rec = reconstruct_cs(model, original, device, dtype)
+        try:
+            x_rec = reconstruct_cs(model, original, device, dtype)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{path}: {err}") from err
         seconds = time.perf_counter() - start
         reference = original.astype(np.float64)
-        results.append(ImageResult(Path(path).stem, *original.shape, psnr(x_rec * 255.0, reference),
+        results.append(ImageResult(name, *original.shape, psnr(x_rec * 255.0, reference),
                                    ssim(x_rec * 255.0, reference), seconds))
         if out_dir is not None:
-            write_png_atomic(Path(out_dir) / f"{Path(path).stem}.png", x_rec)
+            write_png_atomic(Path(out_dir) / f"{name}.png", x_rec)
     return results
 
 

@@ -15,6 +15,7 @@ move between the two unchanged) with three ways to compute a stage:
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,14 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _pair(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _padding_of(conv: nn.Module) -> tuple[int, int]:
+    if conv.padding == "same":
+        return tuple((k - 1) // 2 for k in _pair(conv.kernel_size))
+    if conv.padding == "valid":
+        return (0, 0)
+    return _pair(conv.padding)
 
 
 class FusedLoRunConv(LoRAConv2d):
@@ -146,11 +155,39 @@ class FusedLoRunConv(LoRAConv2d):
             raise ValueError(f"x: on {x.device}, but the layer's weights are on {weight.device}")
         if x.dtype != weight.dtype:
             raise TypeError(f"x: dtype {x.dtype} does not match the layer's weights ({weight.dtype})")
+        if min(x.shape) < 1:
+            raise ValueError(f"x: expected a non-empty batch, got shape {tuple(x.shape)}")
+
+    def _output_size(self, x: torch.Tensor) -> tuple[int, int]:
+        base = self.base_layer
+        geometry = zip(x.shape[-2:], _padding_of(base), _pair(base.kernel_size), _pair(base.stride))
+        if self.transposed:
+            extra = _pair(base.output_padding)
+            return tuple((size - 1) * s - 2 * pad + k + e for (size, pad, k, s), e in zip(geometry, extra))
+        return tuple((size + 2 * pad - k) // s + 1 for size, pad, k, s in geometry)
+
+    def _check_epilogue(self, x: torch.Tensor, residual, out_scale) -> None:
+        """The same checks for every backend: the merged and reference paths would otherwise broadcast a residual of
+        the wrong shape or promote one of another dtype, where the kernel refuses them."""
+        if isinstance(out_scale, bool) or not isinstance(out_scale, (int, float)) or not math.isfinite(out_scale):
+            raise ValueError(f"out_scale: expected a finite number, got {out_scale!r}")
+        if residual is None:
+            return
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual: expected a torch.Tensor or None, got {type(residual).__name__}")
+        expected = (x.shape[0], self.out_channels, *self._output_size(x))
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"residual: expected the output's shape {expected}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual: dtype {residual.dtype} does not match x ({x.dtype})")
+        if residual.device != x.device:
+            raise ValueError(f"residual: on {residual.device}, but x is on {x.device}")
 
     def forward(self, x: torch.Tensor, stage: int | None = None, *, relu: bool = False,
                 residual: torch.Tensor | None = None, out_scale: float = 1.0) -> torch.Tensor:
         stage = check_stage(self.active_stage if stage is None else stage, self.num_stages)
         self._check_input(x)
+        self._check_epilogue(x, residual, out_scale)
         backend = self.resolve_backend(x)
         if backend == "triton":
             if not (x.is_cuda or interpreting()):

@@ -14,6 +14,7 @@ Errors name the path and say what was expected and what was found.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from io import BytesIO
 from pathlib import Path
@@ -31,6 +32,13 @@ __all__ = [
     "write_png_atomic",
     "atomic_write_bytes",
     "atomic_write_text",
+    "TEMP_NAME",
+    "remove_stale_temps",
+    "check_writable_folder",
+    "same_file",
+    "check_not_inputs",
+    "check_file_name",
+    "check_output_folder",
 ]
 
 #: File name endings :func:`list_images` accepts (compared case-insensitively).
@@ -221,6 +229,10 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 # --------------------------------------------------------------------------------------------------------------
 # Atomic writes
 # --------------------------------------------------------------------------------------------------------------
+#: The name of a temp file :func:`_atomic_write` creates beside ``target``: ``.<target name>.<12 hex>.tmp``.
+TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[0-9a-f]{12}\.tmp$")
+
+
 def _create_temp_beside(target: Path) -> tuple[Path, int]:
     """Create a new, uniquely named temp file in ``target``'s folder and return (path, fd).
 
@@ -322,3 +334,89 @@ def write_png_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:
     buffer = BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")  # uint8 (H, W) -> 'L', (H, W, 3) -> 'RGB'
     return _atomic_write(path, buffer.getvalue())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Guarding what the user owns
+# --------------------------------------------------------------------------------------------------------------
+def remove_stale_temps(folder: str | os.PathLike, owned: re.Pattern) -> list[Path]:
+    """Remove the temp files a killed atomic write left in ``folder``, but only those whose target name matches
+    ``owned`` (the caller's own files): a temp file of anything else is not ours to delete. Returns what went."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = TEMP_NAME.match(entry.name)
+        if match and owned.fullmatch(match.group("target")) and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str) -> Path:
+    """Create ``folder`` if needed and prove it writable with a real (then removed) temp file, so that a folder that
+    cannot take results fails before the work, not after it. ``what`` names the argument in errors."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{what} {folder}: exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        temp, fd = _create_temp_beside(folder / "write-check")
+        os.close(fd)
+        temp.unlink()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise PermissionError(f"{what} {folder}: cannot write there ({reason})") from err
+    return folder
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file: the same real path (symbolic links resolved), or hard links of one file."""
+    a, b = Path(a), Path(b)
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_not_inputs(outputs: dict[str, str | os.PathLike], inputs: dict[str, str | os.PathLike]) -> None:
+    """Refuse an output path that is one of the inputs (by real path): writing it would destroy the input.
+
+    ``outputs`` and ``inputs`` map a label for messages (e.g. ``"--out"``, ``"--image"``) to a path; None values
+    are skipped."""
+    for out_label, out_path in outputs.items():
+        if out_path is None:
+            continue
+        for in_label, in_path in inputs.items():
+            if in_path is not None and same_file(out_path, in_path):
+                raise ValueError(f"{out_label} {out_path}: is the input {in_label} {in_path}; writing it would "
+                                 f"overwrite the input. Choose another output path")
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def check_file_name(name: str, what: str) -> str:
+    """``name`` after checking it is a plain file-name component (letters, digits, ``. _ + -``; no folders, no
+    ``..``), so that it cannot write outside the folder it is meant for."""
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"{what}: expected a plain name (letters, digits, '.', '_', '+', '-'; no '/' or '..'), "
+                         f"got {name!r}")
+    return name
+
+
+def check_output_folder(folder: str | os.PathLike, planned, replaceable, what: str) -> Path:
+    """Before any work: ``folder`` is (made) writable, and of the files ``planned`` there, those already present are
+    all ``replaceable`` (written by an earlier run of the same command), so that nothing else is overwritten."""
+    folder = check_writable_folder(folder, what)
+    in_the_way = sorted(name + ("/" if (folder / name).is_dir() else "") for name in planned
+                        if (folder / name).exists() or (folder / name).is_symlink())
+    in_the_way = [name for name in in_the_way if name.endswith("/") or name not in replaceable]
+    if in_the_way:
+        shown = ", ".join(in_the_way[:8]) + (f" and {len(in_the_way) - 8} more" if len(in_the_way) > 8 else "")
+        raise FileExistsError(f"{what} {folder}: already holds {shown}, which this command would overwrite and an "
+                              f"earlier run of it did not write; choose another folder")
+    return folder

@@ -294,6 +294,12 @@ def _with_class(module: nn.Module, cls: type) -> nn.Module:
     return new
 
 
+def _check_dun(model) -> None:
+    if not isinstance(model, DUN):
+        raise TypeError(f"model: expected a DUN (lorun_fast.reference.DUN, e.g. from build_dun), got "
+                        f"{type(model).__name__}; for a single convolution use FusedLoRunConv.from_conv")
+
+
 def to_fast(model: DUN, backend: str = "auto", input_precision: str = "tf32") -> DUN:
     """A copy of a reference ``lorun`` DUN built on :class:`FusedLoRunConv` (same parameters and names, so the
     same state dict), with fused residual blocks and the operator's fused gradient step.
@@ -303,6 +309,7 @@ def to_fast(model: DUN, backend: str = "auto", input_precision: str = "tf32") ->
     ``auto`` (on CUDA) and ``triton``, the reference step for ``merged`` and ``reference``. With
     ``backend="reference"`` the copy computes exactly what the input does.
     """
+    _check_dun(model)
     fast = copy.deepcopy(model)
     step_backend = backend if backend in ("auto", "triton") else "reference"
     fast.operator = fast_operator(fast.operator, backend=step_backend, input_precision=input_precision)
@@ -326,6 +333,7 @@ def to_fast(model: DUN, backend: str = "auto", input_precision: str = "tf32") ->
 
 def to_reference(model: DUN) -> DUN:
     """The inverse of :func:`to_fast`: a copy built on the reference LoRA layers, residual blocks and operator."""
+    _check_dun(model)
     reference = copy.deepcopy(model)
     reference.operator = reference_operator(reference.operator)
 

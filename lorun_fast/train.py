@@ -38,6 +38,7 @@ import io
 import json
 import math
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -48,13 +49,15 @@ import torch
 import torch.nn.functional as F
 
 from lorun_fast.checkpoints import (import_ista_net_plus, load_dun, save_adapters, save_base, save_dun)
-from lorun_fast.io import atomic_write_bytes, atomic_write_text, data_root, list_images, read_gray
+from lorun_fast.io import (TEMP_NAME, atomic_write_bytes, atomic_write_text, check_file_name, check_writable_folder,
+                          data_root, list_images, read_gray, remove_stale_temps)
 from lorun_fast.models import (ModelConfig, base_of, build_dun, dataclass_from_dict, lorun_from, shared_from_block,
                                to_fast)
 from lorun_fast.reference import STRATEGIES, BlockCS, DUN
+from lorun_fast.reference.lora_conv import check_alpha
 
 __all__ = ["TrainConfig", "PatchSampler", "Trainer", "operator_from_task", "lr_at", "ddp_gradients", "run_training",
-           "read_log"]
+           "read_log", "check_run_folder", "base_architecture", "RUN_FILES"]
 
 PRECISIONS = ("float32", "bfloat16")
 TRAIN_BACKENDS = ("auto", "reference", "merged", "triton")
@@ -177,7 +180,36 @@ class TrainConfig:
             if not ok:
                 raise ValueError(message)
 
+        def finite(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
         need(self.strategy in STRATEGIES, f"strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
+        check_alpha(self.alpha)
+        need(finite(self.gamma) and 0 < self.gamma <= 100, f"gamma: expected a percentage in (0, 100], got "
+                                                            f"{self.gamma!r}")
+        need(self.rank is None or (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1),
+             f"rank: expected a positive int, got {self.rank!r}")
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+             f"seed: expected an int ≥ 0, got {self.seed!r}")
+        need(finite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay: expected a finite number ≥ 0, got {self.weight_decay!r}")
+        for name in ("lr", "lr_phase2"):
+            value = getattr(self, name)
+            need((value is None and name == "lr_phase2") or (finite(value) and value > 0),
+                 f"{name}: expected a finite number > 0, got {value!r}")
+        need(finite(self.min_lr_ratio), f"min_lr_ratio: expected a number in [0, 1], got {self.min_lr_ratio!r}")
+        need(self.grad_clip is None or finite(self.grad_clip),
+             f"grad_clip: expected a finite number ≥ 0, got {self.grad_clip!r}")
+        if self.adapter_name is not None:
+            check_file_name(self.adapter_name, "adapter_name")
+        need(not (self.val_every and not self.val_images),
+             f"val_every: {self.val_every} needs val_images (a folder to validate on)")
+        need(not (self.val_images and not self.val_every),
+             "val_images: needs val_every > 0 (validate every N steps and at the end)")
+        need(self.base_phase is None or (isinstance(self.base_phase, int) and self.base_phase >= 0),
+             f"base_phase: expected an int ≥ 0, got {self.base_phase!r}")
+        need(bool(self.targets) and all(isinstance(t, str) and t for t in self.targets),
+             f"targets: expected one or more layer-name patterns, got {self.targets!r}")
         for name in ("num_stages", "steps", "batch_size", "crop", "log_every"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
@@ -186,7 +218,6 @@ class TrainConfig:
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 0, f"{name}: expected an int ≥ 0, got {value!r}")
         need(self.crop >= 8, f"crop: expected at least 8 pixels, got {self.crop}")
-        need(self.lr > 0 and (self.lr_phase2 is None or self.lr_phase2 > 0), "lr: expected > 0")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio: expected in [0, 1], got {self.min_lr_ratio}")
         need(self.grad_clip is None or self.grad_clip >= 0, f"grad_clip: expected ≥ 0, got {self.grad_clip}")
         need(self.precision in PRECISIONS, f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
@@ -302,6 +333,87 @@ def _torch_bytes(obj) -> bytes:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The run folder: what a run may write, delete and resume
+# ----------------------------------------------------------------------------------------------------------------
+#: The files a run writes at the top of its folder; nothing else there is ever written or deleted.
+RUN_FILES = re.compile(r"config\.json|log\.jsonl|last\.json|summary\.json|model\.safetensors|base\.safetensors"
+                       r"|adapters-[A-Za-z0-9][A-Za-z0-9._+-]*\.safetensors|ddp_gradients\.pt")
+#: The files a run writes in ``checkpoints/``.
+CHECKPOINT_FILES = re.compile(r"step-\d{7}\.(?:safetensors|state\.pt)")
+
+
+def _own_temp(name: str, owned: re.Pattern) -> bool:
+    match = TEMP_NAME.match(name)
+    return bool(match and owned.fullmatch(match.group("target")))
+
+
+def _foreign_entries(run_dir: Path) -> list[str]:
+    """Entries of a run folder that a run did not write (relative names)."""
+    foreign = []
+    for entry in sorted(run_dir.iterdir()):
+        if entry.name == "checkpoints" and entry.is_dir() and not entry.is_symlink():
+            foreign += [f"checkpoints/{e.name}" for e in sorted(entry.iterdir())
+                        if not (e.is_file() and (CHECKPOINT_FILES.fullmatch(e.name)
+                                                 or _own_temp(e.name, CHECKPOINT_FILES)))]
+        elif not (entry.is_file() and (RUN_FILES.fullmatch(entry.name) or _own_temp(entry.name, RUN_FILES))):
+            foreign.append(entry.name + ("/" if entry.is_dir() else ""))
+    return foreign
+
+
+def check_run_folder(run_dir, resume: bool) -> str:
+    """What a run may do in ``run_dir``: ``"new"`` (missing or empty, or only a killed run's temp files),
+    ``"restart"`` (``resume`` of a run that never reached a checkpoint: start over with its config.json) or
+    ``"resume"`` (continue from ``last.json``). Anything else is refused, naming what is in the way: a run never
+    writes into a folder holding files it did not write, and never over a run without being asked to resume it."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return "new"
+    if not run_dir.is_dir():
+        raise NotADirectoryError(f"run folder {run_dir}: exists and is not a folder")
+    foreign = _foreign_entries(run_dir)
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise FileExistsError(f"run folder {run_dir}: holds files a training run did not write ({shown}); a run "
+                              f"writes only into a new or empty folder, or into its own earlier run with --resume. "
+                              f"Choose another folder")
+    kept = [e.name for e in run_dir.iterdir() if not _own_temp(e.name, RUN_FILES)
+            and not (e.name == "checkpoints" and not any(CHECKPOINT_FILES.fullmatch(c.name) for c in e.iterdir()))]
+    if not kept:
+        return "new"
+    if not (run_dir / "config.json").is_file():
+        raise FileExistsError(f"run folder {run_dir}: holds a training run's files ({', '.join(sorted(kept))}) but "
+                              f"no config.json, so the run's settings are lost and it cannot be resumed; choose "
+                              f"another folder")
+    if not resume:
+        raise FileExistsError(f"run folder {run_dir}: already holds a training run; pass --resume to continue it, "
+                              f"or choose another folder")
+    return "resume" if (run_dir / "last.json").is_file() else "restart"
+
+
+def read_recorded_config(run_dir) -> "TrainConfig":
+    """The ``config.json`` of a run folder, with errors that name the file."""
+    path = Path(run_dir) / "config.json"
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"resume: {path} cannot be read ({err})") from err
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"resume: {path} is corrupt ({type(err).__name__}: {err})") from err
+
+
+def base_architecture(path) -> ModelConfig:
+    """The ModelConfig of a ``--base`` file without building its operator: a lorun_fast file's recorded config, or
+    an ISTA-Net+ pickle's (its channel width and phase count are read from the tensors)."""
+    from lorun_fast.checkpoints import _config_from, read_header
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        metadata, _ = read_header(path)
+        return _config_from(path, metadata)
+    return import_ista_net_plus(path, BlockCS.gaussian(0.01)).config
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------------------------
 class Trainer:
@@ -320,6 +432,12 @@ class Trainer:
         if config.batch_size % world_size:
             raise ValueError(f"batch_size: {config.batch_size} is not divisible by the {world_size} processes")
         self.quiet = quiet or rank != 0
+        if config.backend == "triton" and self.device.type != "cuda":
+            from lorun_fast.kernels.settings import interpreting
+
+            if not interpreting():
+                raise ValueError(f"backend: 'triton' needs a CUDA device, but this run is on {self.device}; use "
+                                 f"'auto' (merged on a CPU) or 'merged'")
         self.task = config.task()
         self.operator = operator_from_task(self.task)
         train_images = config.train_images or str(data_root() / "Train400")
@@ -363,6 +481,9 @@ class Trainer:
             if cfg.base_phase is None:
                 raise ValueError(f"base: {path} is a {model.num_stages}-stage block model; choose the stage to use "
                                  f"as the shared base with base_phase (--base-phase 0..{model.num_stages - 1})")
+            if cfg.base_phase >= model.num_stages:
+                raise ValueError(f"base_phase (--base-phase): {cfg.base_phase} is not a stage of {path}, which has "
+                                 f"{model.num_stages} (0..{model.num_stages - 1})")
             model = shared_from_block(model, cfg.base_phase, cfg.num_stages)
         elif model.strategy == "lorun":
             model = base_of(model)
@@ -370,6 +491,10 @@ class Trainer:
             raise ValueError(f"base_phase: {path} holds a shared DUN, which has no phases to choose from")
         if model.num_stages != cfg.num_stages:
             raise ValueError(f"base: {path} has {model.num_stages} stages; the run asks for {cfg.num_stages}")
+        found = (model.config.backbone, model.config.backbone_kwargs)
+        if found != (cfg.backbone, cfg.backbone_kwargs):
+            raise ValueError(f"base: {path} is a {found[0]} {found[1]}; the run's config says {cfg.backbone} "
+                             f"{cfg.backbone_kwargs} (take the base's: lorun_fast.train.base_architecture)")
         return model
 
     def _install(self, model: DUN, phase: int) -> None:
@@ -493,7 +618,10 @@ class Trainer:
         try:
             last = json.loads(pointer.read_text(encoding="utf-8"))
             weights, state_path = self.run_dir / last["weights"], self.run_dir / last["state"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            if not (CHECKPOINT_FILES.fullmatch(weights.name) and CHECKPOINT_FILES.fullmatch(state_path.name)
+                    and weights.parent == state_path.parent == self.run_dir / "checkpoints"):
+                raise KeyError("weights/state must name files in checkpoints/")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"resume: {pointer} is corrupt ({type(err).__name__}: {err})") from err
         model = load_dun(weights, self.operator)
         if not state_path.is_file():
@@ -501,8 +629,10 @@ class Trainer:
         try:
             state = torch.load(state_path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ValueError(f"resume: {state_path} is not a readable training state ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0] if str(err) else ''})") from err
+            from lorun_fast.checkpoints import safe_load_error
+
+            raise ValueError(f"resume: {state_path} is not a readable training state ({safe_load_error(err)})") \
+                from err
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("step") != last["step"]:
             raise ValueError(f"resume: {state_path} does not belong to step {last['step']} of {pointer}")
         expected = "lorun" if state["phase"] == 2 else ("shared" if self.config.strategy == "lorun"
@@ -525,11 +655,45 @@ class Trainer:
             atomic_write_text(self.run_dir / "log.jsonl", "".join(json.dumps(e) + "\n" for e in kept))
         self._log({"event": "resume", "step": self.step, "phase": self.phase})
 
+    def _check_recorded_config(self) -> None:
+        recorded = read_recorded_config(self.run_dir).to_dict()
+        current = self.config.to_dict()
+        changed = [f"{k}: recorded {recorded[k]!r}, given {current[k]!r}" for k in current if recorded.get(k) != current[k]]
+        if changed:
+            raise ValueError(f"resume: {self.run_dir / 'config.json'} records another run ({'; '.join(changed)}); "
+                             f"resume with the recorded config")
+
+    def _clean_and_probe(self, kind: str) -> None:
+        """Remove what a kill left behind (this run's own temp files and checkpoint files no pointer names), then
+        prove the run and checkpoint folders writable before any step is spent."""
+        folder = self.run_dir / "checkpoints"
+        remove_stale_temps(self.run_dir, RUN_FILES)
+        remove_stale_temps(folder, CHECKPOINT_FILES)
+        if kind == "resume" and folder.is_dir():
+            try:
+                last = json.loads((self.run_dir / "last.json").read_text(encoding="utf-8"))
+                named = {Path(last["weights"]).name, Path(last["state"]).name}
+            except (OSError, ValueError, KeyError, TypeError):
+                named = None  # _resume reports the corrupt pointer; delete nothing on a guess
+            for entry in folder.iterdir() if named else ():
+                if CHECKPOINT_FILES.fullmatch(entry.name) and entry.name not in named:
+                    entry.unlink(missing_ok=True)
+        check_writable_folder(self.run_dir, "run folder")
+        check_writable_folder(folder, "checkpoint folder")
+
     def prepare(self, resume: bool = True) -> None:
-        """Resume from ``run_dir``'s last checkpoint when there is one (and ``resume``), else start fresh."""
+        """Resume from ``run_dir``'s last checkpoint when there is one (and ``resume``), else start fresh.
+
+        Refuses a folder holding anything a run did not write, and an earlier run unless ``resume`` (see
+        :func:`check_run_folder`)."""
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume and self.has_checkpoint():
+            kind = check_run_folder(self.run_dir, resume)
+            if kind != "new":
+                self._check_recorded_config()
+            self._clean_and_probe(kind)
+        else:  # rank 0 is writing config.json and log.jsonl meanwhile; last.json only comes after the first steps
+            kind = "resume" if resume and self.has_checkpoint() else "new"
+        if kind == "resume":
             self._resume()
             return
         if self.rank == 0:

@@ -16,6 +16,7 @@ The step sizes rho_k are per stage in every strategy.
 from __future__ import annotations
 
 import copy
+import warnings
 from fnmatch import fnmatchcase
 from typing import Sequence
 
@@ -23,12 +24,16 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .lora_conv import LoRAConv2d, check_stage
+from .lora_conv import LoRAConv2d, check_stage, max_rank
 from .operators import Operator
 
-__all__ = ["STRATEGIES", "DUN", "apply_lora", "lora_layers", "find_convolutions"]
+__all__ = ["STRATEGIES", "DUN", "apply_lora", "lora_layers", "find_convolutions", "RankClampWarning"]
 
 STRATEGIES = ("block", "shared", "lorun")
+
+
+class RankClampWarning(UserWarning):
+    """A requested LoRA rank was above what some layer's update can have and was lowered to it there."""
 
 
 def find_convolutions(module: nn.Module, targets: Sequence[str] = ("*",)) -> list[str]:
@@ -50,14 +55,27 @@ def apply_lora(module: nn.Module, num_stages: int, targets: Sequence[str] = ("*"
                gamma: float = 10.0, alpha: float | None = None, layer_cls=LoRAConv2d) -> list[str]:
     """Replace the matching convolutions of ``module`` in place by ``layer_cls(conv, num_stages, ...)``.
 
-    Returns the replaced names; raises if no layer matches, so a mistyped pattern never goes unnoticed.
+    A ``rank`` above what a layer's update can have (``min(out, in·kh·kw)``, e.g. 1 for a 1-channel 3×3 tail) is
+    clamped to it for that layer, with a :class:`RankClampWarning` naming the layers. Returns the replaced names; raises if no layer matches, so a
+    mistyped pattern never goes unnoticed.
     """
     names = find_convolutions(module, targets)
     if not names:
         raise ValueError(f"targets: no Conv2d/ConvTranspose2d of {type(module).__name__} matches {list(targets)}")
+    clamped = []
     for name in names:
-        _replace(module, name, layer_cls(module.get_submodule(name), num_stages, rank=rank, gamma=gamma,
-                                         alpha=alpha))
+        conv = module.get_submodule(name)
+        limit = max_rank(conv)
+        layer_rank = rank
+        if rank is not None and not isinstance(rank, bool) and isinstance(rank, int) and rank > limit:
+            layer_rank = limit
+            clamped.append(f"{name} ({conv.in_channels}→{conv.out_channels} {'×'.join(map(str, conv.kernel_size))}: "
+                           f"rank {limit})")
+        _replace(module, name, layer_cls(conv, num_stages, rank=layer_rank, gamma=gamma, alpha=alpha))
+    if clamped:
+        warnings.warn(f"rank {rank} is above what {len(clamped)} layer(s) can use (min(out, in·kh·kw)), clamped: "
+                      f"{', '.join(clamped)}",
+                      RankClampWarning, stacklevel=2)
     return names
 
 
@@ -160,6 +178,7 @@ class DUN(nn.Module):
     def forward(self, y: torch.Tensor, size: tuple[int, int] | None = None,
                 return_all: bool = False) -> torch.Tensor | list[torch.Tensor]:
         """Reconstruct from measurements ``y``; ``size`` is the image's (H, W) (default: the operator's)."""
+        self._check_inputs(y, size)
         x = self.operator.init(y, size)
         outputs = []
         for k in range(self.num_stages):
@@ -169,6 +188,21 @@ class DUN(nn.Module):
                 x = self.stage(x, y, k)
             outputs.append(x)
         return outputs if return_all else x
+
+    def _check_inputs(self, y, size) -> None:
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"y: expected a torch.Tensor, got {type(y).__name__}")
+        if not y.is_floating_point():
+            raise TypeError(f"y: expected a floating-point measurement, got {y.dtype}")
+        if y.dtype != self.rho.dtype and not torch.is_autocast_enabled():
+            raise TypeError(f"y: dtype {y.dtype} does not match the model's parameters ({self.rho.dtype}); convert "
+                            f"one of them (y.to({self.rho.dtype}) or model.to({y.dtype}))")
+        if y.device != self.rho.device:
+            raise ValueError(f"y: on {y.device}, but the model is on {self.rho.device}")
+        if size is not None:
+            if (not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
+                raise ValueError(f"size: expected (H, W), two positive ints, got {size!r}")
 
     def parameter_counts(self) -> dict:
         """Total and trainable parameters, the part shared by all stages, and what each stage adds alone."""

@@ -13,14 +13,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["lora_rank", "LoRAConv2d", "check_stage"]
+__all__ = ["lora_rank", "LoRAConv2d", "check_stage", "check_alpha", "check_rank", "max_rank"]
 
 
 def lora_rank(in_channels: int, out_channels: int, gamma: float = 10.0) -> int:
     """The paper's rank rule ``r = ceil(min(in, out)·γ/100)``, computed in exact arithmetic (so 30·10/100 is 3)."""
-    if gamma <= 0 or gamma > 100:
-        raise ValueError(f"gamma: expected a percentage in (0, 100], got {gamma}")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 100:
+        raise ValueError(f"gamma: expected a percentage in (0, 100], got {gamma!r}")
     return max(1, math.ceil(Fraction(min(in_channels, out_channels)) * Fraction(str(gamma)) / 100))
+
+
+def check_alpha(alpha) -> float | None:
+    """``alpha`` (None: the rank) as a float after checking it is finite and > 0: α = 0 would make every adapter
+    inert (scaling 0) while it still trains, and a negative α only flips the sign of B."""
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha: expected a finite number > 0, got {alpha!r}")
+    return float(alpha)
+
+
+def max_rank(layer: nn.Module) -> int:
+    """The largest rank a LoRA update of ``layer`` can have: ``B·A`` is a (Co × Ci·kh·kw) matrix for a convolution
+    (and the transposed shape for a transposed one), so its rank is at most ``min(Co, Ci·kh·kw)``; a larger rank
+    adds parameters that cannot change the update. For 1×1 kernels this is ``min(in, out)``."""
+    kh, kw = layer.kernel_size
+    return min(layer.out_channels, layer.in_channels * kh * kw)
+
+
+def check_rank(rank, layer: nn.Module) -> int:
+    """``rank`` after checking it is a positive int no larger than :func:`max_rank` of ``layer``."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank: expected a positive int, got {rank!r}")
+    limit = max_rank(layer)
+    if rank > limit:
+        kh, kw = layer.kernel_size
+        raise ValueError(f"rank: {rank} is above {limit}, the most a LoRA update of this {layer.in_channels}→"
+                         f"{layer.out_channels} {kh}×{kw} layer can have (min(out, in·kh·kw)); it would not be "
+                         f"low-rank")
+    return rank
 
 
 def check_stage(stage, num_stages: int) -> int:
@@ -55,10 +86,8 @@ class LoRAConv2d(nn.Module):
         if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
             raise ValueError(f"num_stages: expected a positive int, got {num_stages!r}")
         cin, cout = base_layer.in_channels, base_layer.out_channels
-        if rank is None:
-            rank = lora_rank(cin, cout, gamma)
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank: expected a positive int, got {rank!r}")
+        rank = check_rank(lora_rank(cin, cout, gamma) if rank is None else rank, base_layer)
+        alpha = check_alpha(alpha)
         self.base_layer = base_layer
         self.num_stages = num_stages
         self.rank = rank

@@ -26,6 +26,8 @@ def load_mat_array(path, key: str) -> torch.Tensor:
     import scipy.io
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{key} file: {path} is a folder; expected a .mat file")
     if not path.is_file():
         raise FileNotFoundError(f"{key} file: {path} does not exist")
     try:
@@ -38,9 +40,18 @@ def load_mat_array(path, key: str) -> torch.Tensor:
         keys = sorted(k for k in contents if not k.startswith("__"))
         raise KeyError(f"{key} file: {path} has no key {key!r}; it has {keys}")
     array = np.asarray(contents[key])
-    if not np.issubdtype(array.dtype, np.number):
+    if np.iscomplexobj(array):
+        # astype(float64) would drop the imaginary part without a word
+        raise ValueError(f"{key} file: {path}[{key!r}] is complex (dtype {array.dtype}); expected a real matrix")
+    if not np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_:
         raise ValueError(f"{key} file: {path}[{key!r}] is not numeric (dtype {array.dtype})")
-    return torch.from_numpy(array.astype(np.float64))
+    array = array.astype(np.float64)
+    if array.size == 0:
+        raise ValueError(f"{key} file: {path}[{key!r}] is empty (shape {array.shape})")
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise ValueError(f"{key} file: {path}[{key!r}] holds {bad} non-finite value(s) (NaN or inf)")
+    return torch.from_numpy(array)
 
 
 def cs_measurement_size(ratio: float, n: int = 1089) -> int:
@@ -49,6 +60,32 @@ def cs_measurement_size(ratio: float, n: int = 1089) -> int:
     if not 0 < ratio <= 1:
         raise ValueError(f"ratio: expected a fraction in (0, 1], got {ratio}")
     return max(1, math.floor(ratio * n + 0.5))
+
+
+def check_real_tensor(value, name: str, dims: int | None = None) -> torch.Tensor:
+    """``value`` as given, after checking it is a real, finite torch tensor (of ``dims`` dimensions)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__module__}.{type(value).__name__}"
+                        + (" (wrap it with torch.from_numpy)" if type(value).__module__ == "numpy" else ""))
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name}: expected a real tensor, got dtype {value.dtype}")
+    if dims is not None and value.dim() != dims:
+        raise ValueError(f"{name}: expected a {dims}-D tensor, got shape {tuple(value.shape)}")
+    if value.numel() == 0:
+        raise ValueError(f"{name}: is empty (shape {tuple(value.shape)})")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(f"{name}: holds {bad} non-finite value(s) (NaN or inf)")
+    return value
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    """``value`` as an int ≥ ``minimum``; floats such as 2.0 or 2.5 and bools are refused, not truncated."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int ≥ {minimum}, got {value}")
+    return value
 
 
 def _as_step(rho, like: torch.Tensor) -> torch.Tensor:
@@ -90,6 +127,8 @@ def _check_image(x: torch.Tensor, channels: int | None, name: str = "x") -> None
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{name}: expected a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}")
+    if min(x.shape) < 1:
+        raise ValueError(f"{name}: expected a non-empty batch, got shape {tuple(x.shape)}")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name}: expected {channels} channel(s), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -107,9 +146,13 @@ class BlockCS(Operator):
 
     def __init__(self, phi: torch.Tensor, qinit: torch.Tensor | None = None, block_size: int = 33):
         super().__init__()
+        block_size = check_int(block_size, "block_size", 1)
         n = block_size * block_size
-        if not isinstance(phi, torch.Tensor) or phi.dim() != 2:
-            raise ValueError(f"phi: expected a 2-D matrix (m, {n}), got {getattr(phi, 'shape', type(phi))}")
+        check_real_tensor(phi, "phi")
+        if phi.dim() != 2:
+            raise ValueError(f"phi: expected a 2-D matrix (m, {n}), got shape {tuple(phi.shape)}")
+        if qinit is not None:
+            check_real_tensor(qinit, "qinit")
         if phi.shape[1] != n:
             raise ValueError(f"phi: expected width {n} ({block_size}×{block_size} blocks), got shape "
                              f"{tuple(phi.shape)}")
@@ -213,10 +256,11 @@ class CASSI(Operator):
 
     def __init__(self, mask: torch.Tensor, num_bands: int = 28, step: int = 2):
         super().__init__()
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-            raise ValueError(f"mask: expected a 2-D (H, W) tensor, got {getattr(mask, 'shape', type(mask))}")
-        if num_bands < 1 or step < 0:
-            raise ValueError(f"num_bands, step: expected ≥ 1 and ≥ 0, got {num_bands}, {step}")
+        check_real_tensor(mask, "mask", dims=2)
+        num_bands = check_int(num_bands, "num_bands", 1)
+        step = check_int(step, "step", 0)
+        if not bool((mask != 0).any()):
+            raise ValueError(f"mask: is zero everywhere ({tuple(mask.shape)}); nothing would be measured")
         self.num_bands = num_bands
         self.step = step
         self.register_buffer("mask", mask.detach().clone())
@@ -278,8 +322,8 @@ def gaussian_kernel(size: int = 7, sigma: float = 1.6) -> torch.Tensor:
     """An isotropic Gaussian blur kernel (size × size, odd size), normalised to sum 1, float64."""
     if size < 1 or size % 2 == 0:
         raise ValueError(f"size: expected an odd kernel size, got {size}")
-    if sigma <= 0:
-        raise ValueError(f"sigma: expected > 0, got {sigma}")
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma: expected a finite number > 0, got {sigma}")
     t = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(t[:, None] ** 2 + t[None, :] ** 2) / (2 * sigma ** 2))
     return g / g.sum()
@@ -293,8 +337,9 @@ class SuperResolution(Operator):
 
     def __init__(self, kernel: torch.Tensor, scale: int):
         super().__init__()
-        if not isinstance(kernel, torch.Tensor) or kernel.dim() != 2:
-            raise ValueError(f"kernel: expected a 2-D blur kernel, got {getattr(kernel, 'shape', type(kernel))}")
+        check_real_tensor(kernel, "kernel", dims=2)
+        if not bool((kernel != 0).any()):
+            raise ValueError(f"kernel: is zero everywhere ({tuple(kernel.shape)}); nothing would be measured")
         if kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
             raise ValueError(f"kernel: expected odd sizes, got {tuple(kernel.shape)}")
         if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:

@@ -72,3 +72,18 @@ def test_bad_arguments(args, message):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_out_holding_the_users_files_is_refused_before_the_benchmark(tmp_path):
+    (tmp_path / "results.json").write_text('{"mine": true}')
+    (tmp_path / "report.md").write_text("my notes")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and "report.md, results.json" in proc.stderr and "DUN providers" not in proc.stdout
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--out", str(a_file)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and "is not a folder" in proc.stderr

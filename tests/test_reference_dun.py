@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorun_fast.reference import (CASSI, DUN, BlockCS, ISTANetPlusPhase, LoRAConv2d, ResUNet, SuperResolution,
-                                  find_convolutions, gaussian_kernel, lora_layers)
+from lorun_fast.reference import (CASSI, DUN, BlockCS, ISTANetPlusPhase, LoRAConv2d, RankClampWarning, ResUNet,
+                                  SuperResolution, find_convolutions, gaussian_kernel, lora_layers)
 
 TOL = {
     "float64": dict(rtol=1e-10, atol=1e-10),  # two float64 evaluations of one network (different op order)
@@ -351,7 +351,8 @@ def test_lorun_freeze_base():
 
 def test_lorun_targets():
     torch.manual_seed(20)
-    model = DUN(_cs_operator(), _tiny_resunet(1), K, "lorun", targets=("head", "tail"), rank=2)
+    with pytest.warns(RankClampWarning, match=r"tail \(4→1 3×3: rank 1\)"):
+        model = DUN(_cs_operator(), _tiny_resunet(1), K, "lorun", targets=("head", "tail"), rank=2)
     assert model.lora_names == ["head", "tail"]
     net = model.denoisers[0]
     assert isinstance(net.head, LoRAConv2d) and isinstance(net.tail, LoRAConv2d)
@@ -359,7 +360,8 @@ def test_lorun_targets():
     assert not isinstance(net.down1[1], LoRAConv2d) and isinstance(net.down1[1], nn.Conv2d)
     assert isinstance(net.up1[0], nn.ConvTranspose2d)
     counts = model.parameter_counts()
-    assert counts["per_stage"] == [1 + 2 * (1 * 9) + 4 * 2 + 2 * (4 * 9) + 1 * 2] * K
+    # head 1→4 at rank 2; tail 4→1 clamped to rank 1 (its update cannot have more)
+    assert counts["per_stage"] == [1 + 2 * (1 * 9) + 4 * 2 + 1 * (4 * 9) + 1 * 1] * K
     # a glob over the down-sampling convolutions only, and the transposed ones
     m2 = DUN(_cs_operator(), _tiny_resunet(1), K, "lorun", targets="down*.1", rank=1)
     assert m2.lora_names == ["down1.1", "down2.1", "down3.1"]
@@ -381,9 +383,11 @@ def test_lorun_rank_rule_and_explicit_rank():
     for name in model.lora_names:
         layer = model.denoisers[0].get_submodule(name)
         assert layer.rank == -(-min(layer.in_channels, layer.out_channels) // 2)
-    model = DUN(_cs_operator(), _tiny_resunet(1), K, "lorun", rank=3, alpha=6)
-    assert {layer.rank for layer in lora_layers(model)} == {3}
-    assert {layer.scaling for layer in lora_layers(model)} == {2.0}
+    with pytest.warns(RankClampWarning, match="tail"):
+        model = DUN(_cs_operator(), _tiny_resunet(1), K, "lorun", rank=3, alpha=6)
+    ranks = {name: layer.rank for name, layer in zip(model.lora_names, lora_layers(model))}
+    assert ranks.pop("tail") == 1 and set(ranks.values()) == {3}
+    assert {layer.scaling for layer in lora_layers(model)} == {2.0, 6.0}
 
 
 def test_return_all():

@@ -66,7 +66,7 @@ def _explicit_merged(layer: LoRAConv2d, stage: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # The identity conv(x, W) + s·conv1x1(conv(x, A), B) = conv(x, W + s·B·A)
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("rank", [1, 3, 8])
+@pytest.mark.parametrize("rank", [1, 3, 5])  # 5: the full rank of a 6→5 update
 @pytest.mark.parametrize("base_name", sorted(BASES))
 def test_lora_identity_float64(base_name, rank):
     gen = _gen(1000 + 10 * rank + sorted(BASES).index(base_name))
@@ -178,8 +178,10 @@ def test_explicit_rank_overrides_rule():
     assert layer.rank == 5
     assert layer.lora_A["1"].weight.shape == (5, 8, 3, 3)
     assert layer.lora_B["1"].weight.shape == (6, 5, 1, 1)
-    layer = LoRAConv2d(nn.Conv2d(8, 6, 3, bias=False), 2, rank=20)  # above min(in, out) is allowed
-    assert layer.rank == 20
+    layer = LoRAConv2d(nn.Conv2d(8, 6, 3, bias=False), 2, rank=6)  # the most an 8→6 update can use
+    assert layer.rank == 6
+    with pytest.raises(ValueError, match="rank: 20 is above 6"):
+        LoRAConv2d(nn.Conv2d(8, 6, 3, bias=False), 2, rank=20)
 
 
 # ----------------------------------------------------------------------------------------------------------------
