@@ -1,0 +1,1 @@
+"""Task plug-ins: data, protocol and baselines of one restoration task per module."""
