@@ -155,8 +155,8 @@ class FusedLoRunConv(LoRAConv2d):
             raise ValueError(f"x: on {x.device}, but the layer's weights are on {weight.device}")
         if x.dtype != weight.dtype:
             raise TypeError(f"x: dtype {x.dtype} does not match the layer's weights ({weight.dtype})")
-        if min(x.shape) < 1:
-            raise ValueError(f"x: expected a non-empty batch, got shape {tuple(x.shape)}")
+        if min(x.shape[2:]) < 1:
+            raise ValueError(f"x: expected an image with pixels (H, W ≥ 1), got shape {tuple(x.shape)}")
 
     def _output_size(self, x: torch.Tensor) -> tuple[int, int]:
         base = self.base_layer

@@ -54,8 +54,8 @@ class ResUNet(nn.Module):
         self.tail = nn.Conv2d(c[0], out_channels, 3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels or min(x.shape) < 1:
-            raise ValueError(f"x: expected (N, {self.in_channels}, H, W), non-empty, got {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels or min(x.shape[2:]) < 1:
+            raise ValueError(f"x: expected (N, {self.in_channels}, H, W) with H, W ≥ 1, got {tuple(x.shape)}")
         h, w = x.shape[-2:]
         pad = (0, -w % 8, 0, -h % 8)
         z = F.pad(x, pad, mode="replicate") if any(pad) else x

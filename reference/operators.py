@@ -127,8 +127,8 @@ def _check_image(x: torch.Tensor, channels: int | None, name: str = "x") -> None
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{name}: expected a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}")
-    if min(x.shape) < 1:
-        raise ValueError(f"{name}: expected a non-empty batch, got shape {tuple(x.shape)}")
+    if min(x.shape[1:]) < 1:  # an empty batch (N = 0) is fine; an image without pixels is not
+        raise ValueError(f"{name}: expected channels and pixels (C, H, W ≥ 1), got shape {tuple(x.shape)}")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name}: expected {channels} channel(s), got shape {tuple(x.shape)}")
     if not x.is_floating_point():

@@ -394,7 +394,7 @@ def test_api_misuse_gets_clear_errors():
         model(y, (99,))
     with pytest.raises(TypeError, match="model: expected a DUN"):
         to_fast(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match=r"x: expected \(N, 1, H, W\), non-empty, got \(1, 1, 0, 0\)"):
+    with pytest.raises(ValueError, match=r"x: expected \(N, 1, H, W\) with H, W ≥ 1, got \(1, 1, 0, 0\)"):
         ResUNet(1, channels=2)(torch.zeros(1, 1, 0, 0))
 
 
