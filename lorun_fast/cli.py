@@ -164,7 +164,8 @@ def _earlier_eval_files(out: Path) -> set[str]:
         return set()
     if not rows or rows[0] != RESULTS_HEADER:
         return set()
-    return {"results.csv"} | {f"{row[0]}.png" for row in rows[1:] if row}
+    return ({"results.csv"} | {f"{row[0]}.png" for row in rows[1:] if row}
+            | {f"{row[0]}_spectra.png" for row in rows[1:] if row})
 
 
 def _check_eval_out(args, images: list[Path], names: list[str]) -> Path:
@@ -188,24 +189,137 @@ def _check_eval_out(args, images: list[Path], names: list[str]) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 # eval
 # ----------------------------------------------------------------------------------------------------------------
+TASKS = ("cs", "cassi", "sr")
+METHODS = {"cs": ("model",), "cassi": ("model", "x0", "gap-tv"), "sr": ("bicubic",)}
+
+
+_TASK_OPTIONS = (("--ratio", "ratio", "cs"), ("--phi", "phi", "cs"), ("--qinit", "qinit", "cs"),
+                 ("--force-task", "force_task", "cs"), ("--mask", "mask", "cassi"), ("--tiles", "tiles", "cassi"),
+                 ("--cube-key", "cube_key", "cassi"), ("--cube-layout", "cube_layout", "cassi"),
+                 ("--gap-iterations", "gap_iterations", "cassi"), ("--scale", "scale", "sr"))
+
+
+def _defaults(command: str) -> dict:
+    required = {"eval": ["--images", "-"], "train": ["--out", "-"]}[command]
+    return vars(build_parser().parse_args([command, *required]))
+
+
+def _task_name(args) -> str:
+    """--task, else the task the checkpoint records (files of CS record no name), else cs."""
+    from lorun_fast.checkpoints import task_of
+
+    recorded = None
+    for path in (getattr(args, "adapters", None), getattr(args, "checkpoint", None)):
+        task = task_of(path) if path is not None else None
+        if task is not None:
+            recorded = task.get("task", "cs")
+            break
+    if args.task is not None and recorded is not None and args.task != recorded:
+        raise CLIError(f"--task {args.task}: the checkpoint is a {recorded} model")
+    return args.task or recorded or "cs"
+
+
+def _print_results(args, results, out) -> None:
+    from lorun_fast.evaluate import format_table, mean_scores
+
+    print(format_table(results))
+    if out is not None:
+        _write_csv(out / "results.csv", results)
+        print(f"results written to {out}")
+    mean_psnr, mean_ssim = mean_scores(results)
+    print(f"mean PSNR {mean_psnr:.2f} dB, mean SSIM {mean_ssim:.4f} over {len(results)} images")
+
+
+def _eval_cassi(args, device) -> int:
+    """CASSI: simulate the measurement of each test cube with the mask, reconstruct (a model, the x0
+    initialisation or GAP-TV) and score per band (TSA-Net/MST protocol)."""
+    import torch
+
+    from lorun_fast.io import check_output_folder
+    from lorun_fast.reference import CASSI
+    from lorun_fast.tasks.cassi import (DISPERSION_STEP, NUM_BANDS, evaluate_cassi, load_mask, reconstructor)
+
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise CLIError(f"--images {folder}: is not a folder of .mat/.npy cubes")
+    cubes = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in (".mat", ".npy"))
+    if not cubes:
+        raise CLIError(f"--images {folder}: holds no .mat or .npy cubes")
+    mask = load_mask(args.mask)
+    out = None
+    if args.out:
+        out = Path(args.out)
+        existing = [p.name for p in out.iterdir()] if out.is_dir() else []
+        check_output_folder(out, existing + ["results.csv"], _earlier_eval_files(out), "--out")
+    if args.method == "model":
+        if args.checkpoint is None:
+            raise CLIError("--method model needs --checkpoint (or use --method x0 / gap-tv)")
+        operator = CASSI(torch.from_numpy(mask), NUM_BANDS, DISPERSION_STEP)
+        from lorun_fast.checkpoints import load_model
+
+        model = load_model(args.checkpoint, operator, args.adapters).to(device=device, dtype=_dtype(args.dtype))
+        method = model.eval()
+    else:
+        method = args.method
+    options = {"iterations": args.gap_iterations} if args.method == "gap-tv" else {}
+    results = evaluate_cassi(reconstructor(method, **options), cubes, mask, mode=args.tiles, key=args.cube_key,
+                             layout=args.cube_layout, dtype=_dtype(args.dtype), device=device, out_dir=out,
+                             progress=not args.quiet)
+    _print_results(args, results, out)
+    return 0
+
+
+def _eval_sr(args) -> int:
+    """SR: the SR literature's protocol (MATLAB bicubic degradation, Y channel, shave = scale)."""
+    import time
+
+    from lorun_fast.evaluate import ImageResult, output_names
+    from lorun_fast.io import list_images
+    from lorun_fast.tasks.sr import bicubic_baseline, read_hr
+
+    images = list_images(args.images)
+    out = None
+    if args.out:
+        from lorun_fast.io import check_output_folder
+
+        out = check_output_folder(args.out, ["results.csv"], _earlier_eval_files(Path(args.out)), "--out")
+    results = []
+    for name, path in zip(output_names(images), images):
+        start = time.perf_counter()
+        scores = bicubic_baseline(path, args.scale)
+        height, width = read_hr(path).shape[:2]
+        results.append(ImageResult(name, height, width, scores.psnr, scores.ssim, time.perf_counter() - start))
+    _print_results(args, results, out)
+    return 0
+
+
 def cmd_eval(args) -> int:
-    from lorun_fast.evaluate import evaluate_cs, format_table, mean_scores, output_names
+    from lorun_fast.evaluate import evaluate_cs, output_names
     from lorun_fast.io import list_images
 
     device = _device(args.device)
     _check_sources(args)
+    task = _task_name(args)
+    foreign = [option for option, dest, owner in _TASK_OPTIONS if owner != task and getattr(args, dest) != _defaults(
+        "eval")[dest]]
+    if foreign:
+        raise CLIError(f"{', '.join(foreign)}: not an option of the {task} task")
+    if args.method not in METHODS[task]:
+        raise CLIError(f"--method {args.method}: the {task} task offers {', '.join(METHODS[task])}")
+    if task == "cassi":
+        return _eval_cassi(args, device)
+    if task == "sr":
+        return _eval_sr(args)
+    if args.checkpoint is None:
+        raise CLIError("eval: --checkpoint is required for the cs task")
     images = list_images(args.images)  # a bad folder fails before the model is built
     names = output_names(images)
     out = _check_eval_out(args, images, names) if args.out else None
     model = _load(args, _operator(args, args.checkpoint, args.adapters))
     results = evaluate_cs(model, images, out_dir=out, device=device, dtype=_dtype(args.dtype),
                           progress=not args.quiet)
-    print(format_table(results))
-    if out is not None:
-        _write_csv(out / "results.csv", results)
-        print(f"reconstructions and results.csv written to {out}")
-    mean_psnr, mean_ssim = mean_scores(results)
-    print(f"mean PSNR {mean_psnr:.2f} dB, mean SSIM {mean_ssim:.4f} over {len(results)} images")
+    _print_results(args, results, out)
     return 0
 
 
@@ -432,7 +546,7 @@ def _option(dest: str) -> str:
 
 def _explicit(args) -> dict:
     """The train options given on the command line with a value other than their default."""
-    defaults = vars(build_parser().parse_args(["train", "--out", "-"]))
+    defaults = _defaults("train")
     return {dest: getattr(args, dest) for dest in TRAIN_FIELDS if getattr(args, dest) != defaults.get(dest)}
 
 
@@ -684,9 +798,24 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Evaluate a DUN checkpoint (lorun_fast .safetensors — a model, or a base with "
                              "--adapters — or a published ISTA-Net+ .pkl) on an image folder: per-image PSNR/SSIM "
                              "table and the mean; with --out, reconstructions as PNG and results.csv.")
-    _add_model_source(ev)
-    ev.add_argument("--images", required=True, help="folder of test images (e.g. $LORUN_DATA/Set11)")
+    _add_model_source(ev, required=False)
+    ev.add_argument("--images", required=True, help="folder of test images (e.g. $LORUN_DATA/Set11), of .mat/.npy "
+                    "cubes for cassi, of HR images for sr")
+    ev.add_argument("--task", choices=TASKS, help="default: what the checkpoint records, else cs")
+    ev.add_argument("--method", default="model", choices=("model", "x0", "gap-tv", "bicubic"),
+                    help="model (the checkpoint; cs, cassi); x0 (the initialisation) or gap-tv (Yuan 2016) for "
+                         "cassi; bicubic (MATLAB bicubic upscaling) for sr")
     _add_task_options(ev)
+    g = ev.add_argument_group("cassi task")
+    g.add_argument("--mask", help="coded-aperture mask .mat (key 'mask'; default $LORUN_DATA/cassi/mask.mat); its "
+                   "size is the size of the evaluated tiles")
+    g.add_argument("--tiles", choices=("center", "tiles"), default="center",
+                   help="centre crop of each scene, or all non-overlapping tiles of the mask's size")
+    g.add_argument("--cube-key", help="the array's key in .mat cubes (default: detected)")
+    g.add_argument("--cube-layout", choices=("hwb", "bhw"), help="axis order of the cubes (default: detected)")
+    g.add_argument("--gap-iterations", type=_positive(int), default=100, help="GAP-TV iterations")
+    g = ev.add_argument_group("sr task")
+    g.add_argument("--scale", type=int, choices=(2, 3, 4), default=4, help="super-resolution factor")
     ev.add_argument("--out", help="folder for reconstructions (PNG) and results.csv: new, empty or an earlier "
                     "evaluation's (never the --images folder; nothing else in it is overwritten)")
     ev.add_argument("--device", help=device_help)
