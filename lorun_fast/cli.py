@@ -99,10 +99,8 @@ def _operator(args, checkpoint=None, adapters=None):
     if recorded is None:
         return given
     try:
-        expected = operator_from_task(recorded)
-        agrees = _same_operator(given, expected)
+        agrees = _same_operator(given, operator_from_task(recorded))
     except (OSError, ValueError, KeyError):  # the recorded files are not here: compare what can be compared
-        expected = None
         ratio = recorded.get("ratio") or (100 * recorded["gaussian_ratio"] if recorded.get("gaussian_ratio") else None)
         agrees = None if ratio is None else round(ratio) == round(100 * given.ratio)
     if agrees is False and not args.force_task:
@@ -317,8 +315,17 @@ def cmd_eval(args) -> int:
     names = output_names(images)
     out = _check_eval_out(args, images, names) if args.out else None
     model = _load(args, _operator(args, args.checkpoint, args.adapters))
-    results = evaluate_cs(model, images, out_dir=out, device=device, dtype=_dtype(args.dtype),
-                          progress=not args.quiet)
+    results = []
+    try:
+        evaluate_cs(model, images, out_dir=out, device=device, dtype=_dtype(args.dtype), progress=not args.quiet,
+                    results=results)
+    except KeyboardInterrupt:
+        if out is not None and results:  # the folder stays recognisably an evaluation's, so a rerun may replace it
+            _write_csv(out / "results.csv", results)
+            print(f"interrupted after {len(results)} of {len(images)} images; results.csv in {out} holds those",
+                  file=sys.stderr)
+            return 130
+        raise
     _print_results(args, results, out)
     return 0
 
@@ -598,6 +605,9 @@ def _as_option_error(err: ValueError) -> CLIError:
     text = str(err)
     field_name, colon, rest = text.partition(":")
     options = [dest for dest, f in TRAIN_FIELDS.items() if f == field_name.strip()]
+    for dest, field_name_in_text in TRAIN_FIELDS.items():
+        if "_" in field_name_in_text and dest == field_name_in_text:
+            rest = re.sub(rf"\b{field_name_in_text}\b", _option(dest), rest)
     if colon and options:
         return CLIError(f"{'/'.join(_option(d) for d in options)}:{rest}")
     return CLIError(text)
@@ -660,7 +670,8 @@ def cmd_train(args) -> int:
     if trainer.rank != 0:
         return 0
     if summary is None:
-        print(f"stopped at step {trainer.step} of {config.steps}; checkpoint saved in {out} "
+        print(f"{'interrupted: ' if trainer.stop_requested else ''}stopped at step {trainer.step} of "
+              f"{config.steps}; checkpoint saved in {out} "
               f"(continue with: lorun-fast train --out {out} --resume)", file=sys.stderr)
         return 130 if trainer.stop_requested else 0
     counts = summary["parameters"]

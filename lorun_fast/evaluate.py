@@ -88,12 +88,14 @@ def reconstruct_cs(model: DUN, image: np.ndarray, device: torch.device | str = "
 
 
 def evaluate_cs(model: DUN, images: list[Path], out_dir: Path | None = None, device: str = "cpu",
-                dtype: torch.dtype = torch.float32, progress: bool = False) -> list[ImageResult]:
+                dtype: torch.dtype = torch.float32, progress: bool = False,
+                results: list[ImageResult] | None = None) -> list[ImageResult]:
     """Run the protocol over ``images``; reconstructions go to ``out_dir/<name>.png`` (names from
-    :func:`output_names`) when it is given."""
+    :func:`output_names`) when it is given. Rows are appended to ``results`` when given, so that a caller keeps
+    those finished before an interruption."""
     names = output_names(images)
     model = model.to(device=device, dtype=dtype).eval()
-    results = []
+    results = [] if results is None else results
     iterator = images
     if progress:
         from tqdm import tqdm

@@ -381,9 +381,10 @@ def check_run_folder(run_dir, resume: bool) -> str:
     if not kept:
         return "new"
     if not (run_dir / "config.json").is_file():
-        raise FileExistsError(f"run folder {run_dir}: holds a training run's files ({', '.join(sorted(kept))}) but "
-                              f"no config.json, so the run's settings are lost and it cannot be resumed; choose "
-                              f"another folder")
+        raise FileExistsError(f"run folder {run_dir}: holds files named as a run names its own "
+                              f"({', '.join(sorted(kept))}) but no config.json: they are not a run this command can "
+                              f"continue (a user's files, or a run whose settings were deleted — its checkpoints "
+                              f"still evaluate with eval --checkpoint). Choose another folder")
     if not resume:
         raise FileExistsError(f"run folder {run_dir}: already holds a training run; pass --resume to continue it, "
                               f"or choose another folder")
@@ -447,6 +448,8 @@ class Trainer:
         if config.val_images and config.val_every:
             self.val_images = list_images(config.val_images)[: config.val_limit]
         self.phase1_steps = config.resolved_phase1_steps()
+        if config.strategy == "lorun" and config.base:
+            self._load_base()  # a bad base (phase, stages, architecture, NaN) fails before the run folder is touched
         self.step = 0
         self.phase = 0
         self.model: DUN | None = None

@@ -73,8 +73,9 @@ def apply_lora(module: nn.Module, num_stages: int, targets: Sequence[str] = ("*"
                            f"rank {limit})")
         _replace(module, name, layer_cls(conv, num_stages, rank=layer_rank, gamma=gamma, alpha=alpha))
     if clamped:
+        shown = ", ".join(clamped[:6]) + (f" and {len(clamped) - 6} more" if len(clamped) > 6 else "")
         warnings.warn(f"rank {rank} is above what {len(clamped)} layer(s) can use (min(out, in·kh·kw)), clamped: "
-                      f"{', '.join(clamped)}",
+                      f"{shown}",
                       RankClampWarning, stacklevel=2)
     return names
 
