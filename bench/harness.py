@@ -1,4 +1,4 @@
-"""Shared measurement helpers for every benchmark in ``bench/`` (DESIGN.md §7, .library/device/METHOD.md).
+"""Shared measurement helpers for every benchmark in ``bench/``.
 
 ``bench/`` is not a package: scripts run as ``python bench/x.py``, which puts ``bench/`` on ``sys.path``, and they
 ``import harness``. Everything here works on a CPU (host clock, exact saved-tensor byte counts) and on a CUDA GPU

@@ -172,9 +172,10 @@ def _check_eval_out(args, images: list[Path], names: list[str]) -> Path:
     from lorun_fast.io import check_not_inputs, check_output_folder, same_file
 
     out = Path(args.out)
-    if same_file(out, args.images):
-        raise CLIError(f"--out {out}: is the --images folder; reconstructions would be mixed with (or overwrite) "
-                       f"the originals. Choose another folder")
+    for folder in args.images:
+        if same_file(out, folder):
+            raise CLIError(f"--out {out}: is the --images folder; reconstructions would be mixed with (or "
+                           f"overwrite) the originals. Choose another folder")
     planned = {f"{name}.png": out / f"{name}.png" for name in names}
     planned["results.csv"] = out / "results.csv"
     inputs = {**_input_files(args), **{f"--images {p.name}": p for p in images}}
@@ -228,6 +229,23 @@ def _print_results(args, results, out) -> None:
     print(f"mean PSNR {mean_psnr:.2f} dB, mean SSIM {mean_ssim:.4f} over {len(results)} images")
 
 
+def _image_paths(entries) -> list[Path]:
+    """The images named by ``--images``: the images of each folder (sorted), and files as given."""
+    from lorun_fast.io import IMAGE_SUFFIXES, list_images
+
+    paths: list[Path] = []
+    for entry in map(Path, entries):
+        if entry.is_dir():
+            paths += list_images(entry)
+        elif entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
+            paths.append(entry)
+        elif entry.is_file():
+            raise CLIError(f"--images {entry}: is not an image ({', '.join(IMAGE_SUFFIXES)})")
+        else:
+            raise CLIError(f"--images {entry}: not found")
+    return paths
+
+
 def _eval_cassi(args, device) -> int:
     """CASSI: simulate the measurement of each test cube with the mask, reconstruct (a model, the x0
     initialisation or GAP-TV) and score per band (TSA-Net/MST protocol)."""
@@ -235,19 +253,20 @@ def _eval_cassi(args, device) -> int:
 
     from lorun_fast.io import check_output_folder
     from lorun_fast.reference import CASSI
-    from lorun_fast.tasks.cassi import (DISPERSION_STEP, NUM_BANDS, evaluate_cassi, load_mask, reconstructor)
+    from lorun_fast.checkpoints import task_of
+    from lorun_fast.io import same_file
+    from lorun_fast.tasks.cassi import (DISPERSION_STEP, NUM_BANDS, cube_files, evaluate_cassi, load_mask,
+                                        reconstructor)
 
-    folder = Path(args.images)
-    if not folder.is_dir():
-        raise CLIError(f"--images {folder}: is not a folder of .mat/.npy cubes")
-    cubes = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                   and p.suffix.lower() in (".mat", ".npy"))
-    if not cubes:
-        raise CLIError(f"--images {folder}: holds no .mat or .npy cubes")
-    mask = load_mask(args.mask)
+    cubes = cube_files(args.images)
+    recorded = task_of(args.checkpoint) if args.checkpoint else None
+    mask = load_mask(args.mask or (recorded or {}).get("mask"))
     out = None
     if args.out:
         out = Path(args.out)
+        for entry in args.images:
+            if same_file(out, entry) or (Path(entry).is_file() and same_file(out, Path(entry).parent)):
+                raise CLIError(f"--out {out}: holds the --images cubes; choose another folder")
         existing = [p.name for p in out.iterdir()] if out.is_dir() else []
         check_output_folder(out, existing + ["results.csv"], _earlier_eval_files(out), "--out")
     if args.method == "model":
@@ -263,7 +282,8 @@ def _eval_cassi(args, device) -> int:
     options = {"iterations": args.gap_iterations} if args.method == "gap-tv" else {}
     results = evaluate_cassi(reconstructor(method, **options), cubes, mask, mode=args.tiles, key=args.cube_key,
                              layout=args.cube_layout, dtype=_dtype(args.dtype), device=device, out_dir=out,
-                             progress=not args.quiet)
+                             progress=not args.quiet,
+                             on_load=lambda path, described: print(f"{path.name}: {described}", file=sys.stderr))
     _print_results(args, results, out)
     return 0
 
@@ -273,10 +293,9 @@ def _eval_sr(args) -> int:
     import time
 
     from lorun_fast.evaluate import ImageResult, output_names
-    from lorun_fast.io import list_images
     from lorun_fast.tasks.sr import bicubic_baseline, read_hr
 
-    images = list_images(args.images)
+    images = _image_paths(args.images)
     out = None
     if args.out:
         from lorun_fast.io import check_output_folder
@@ -294,7 +313,6 @@ def _eval_sr(args) -> int:
 
 def cmd_eval(args) -> int:
     from lorun_fast.evaluate import evaluate_cs, output_names
-    from lorun_fast.io import list_images
 
     device = _device(args.device)
     _check_sources(args)
@@ -311,7 +329,7 @@ def cmd_eval(args) -> int:
         return _eval_sr(args)
     if args.checkpoint is None:
         raise CLIError("eval: --checkpoint is required for the cs task")
-    images = list_images(args.images)  # a bad folder fails before the model is built
+    images = _image_paths(args.images)  # a bad folder fails before the model is built
     names = output_names(images)
     out = _check_eval_out(args, images, names) if args.out else None
     model = _load(args, _operator(args, args.checkpoint, args.adapters))
@@ -343,6 +361,18 @@ def cmd_restore(args) -> int:
     from lorun_fast.io import check_not_inputs, check_writable_folder, read_gray, same_file, write_png_atomic
     from lorun_fast.metrics import psnr, ssim
 
+    _check_sources(args)
+    task = _task_name(args)
+    if args.method not in METHODS[task] or args.method == "bicubic":
+        raise CLIError(f"--method {args.method}: restore of the {task} task offers "
+                       f"{', '.join(m for m in METHODS[task] if m != 'bicubic')}")
+    if task == "cassi":
+        return _restore_cassi(args)
+    for option, dest in (("--mask", "mask"), ("--plot", "plot"), ("--preview", "preview")):
+        if getattr(args, dest) is not None:
+            raise CLIError(f"{option}: not an option of the cs task")
+    if args.checkpoint is None:
+        raise CLIError("restore: --checkpoint is required for the cs task")
     if Path(args.out).suffix.lower() != ".png":
         raise CLIError(f"--out {args.out}: expected a .png file name")
     if args.size is not None and args.measurement is None:
@@ -351,7 +381,6 @@ def cmd_restore(args) -> int:
         raise CLIError("--save-measurement: only with --image (the measurement simulated from it)")
     if args.save_measurement is not None and same_file(args.out, args.save_measurement):
         raise CLIError(f"--save-measurement {args.save_measurement}: is the --out file")
-    _check_sources(args)
     check_not_inputs({"--out": args.out, "--save-measurement": args.save_measurement}, _input_files(args))
     for path, what in ((args.out, "--out"), (args.save_measurement, "--save-measurement")):
         if path is not None:
@@ -402,7 +431,132 @@ def cmd_restore(args) -> int:
     return 0
 
 
-def _save_npy(path, array) -> None:
+def _restore_cassi(args) -> int:
+    """CASSI: a cube (measured here with the mask) or a measurement (H, W + 2·27) in → the reconstructed cube out
+    (.npy as H×W×28 float32, or .mat with key 'cube'), a false-colour preview, and with the original PSNR/SSIM and,
+    with --plot, the spectra at a few pixels against it."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from lorun_fast.evaluate import check_finite_output
+    from lorun_fast.io import atomic_write_bytes, check_not_inputs, check_writable_folder, same_file
+    from lorun_fast.reference import CASSI
+    from lorun_fast.tasks.cassi import (DISPERSION_STEP, NUM_BANDS, cassi_scores, false_colour_png, load_cube_28,
+                                        load_mask, plot_spectra, reconstructor, tiles)
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".npy", ".mat"):
+        raise CLIError(f"--out {out}: expected a .npy or .mat file name for the reconstructed cube")
+    if args.size is not None:
+        raise CLIError("--size: not an option of the cassi task (the cube has the mask's size)")
+    if args.method == "model" and args.checkpoint is None:
+        raise CLIError("--method model needs --checkpoint (or use --method x0 / gap-tv)")
+    preview = Path(args.preview) if args.preview else out.with_suffix(".png")
+    outputs = {"--out": out, "--preview": preview, "--plot": args.plot, "--save-measurement": args.save_measurement}
+    named = [(k, Path(v)) for k, v in outputs.items() if v is not None]
+    for i, (label, path) in enumerate(named):
+        for other_label, other in named[i + 1:]:
+            if same_file(path, other):
+                raise CLIError(f"{other_label} {other}: is the {label} file")
+    if not args.preview and (preview.exists() or preview.is_symlink()):
+        raise CLIError(f"--out {out}: its preview {preview} already exists; name another with --preview")
+    check_not_inputs(outputs, _input_files(args))
+    for label, path in named:
+        if path.is_dir():
+            raise CLIError(f"{label} {path}: is a folder; expected a file name")
+        check_writable_folder(path.parent, f"{label} {path}: its folder")
+
+    device, dtype = _device(args.device), _dtype(args.dtype)
+    from lorun_fast.checkpoints import task_of
+
+    recorded = task_of(args.checkpoint) if args.checkpoint else None
+    mask = load_mask(args.mask or (recorded or {}).get("mask"))
+    operator = CASSI(torch.from_numpy(mask), NUM_BANDS, DISPERSION_STEP).to(device=device, dtype=dtype)
+    size = mask.shape[0]
+    original = None
+    if args.image is not None or args.original is not None:
+        cube, described = load_cube_28(args.image or args.original)
+        print(f"{args.image or args.original}: {described}", file=sys.stderr)
+        if mask.shape[0] != mask.shape[1]:
+            raise CLIError(f"--mask: {mask.shape[0]}×{mask.shape[1]} is not square")
+        if cube.shape[0] < size or cube.shape[1] < size:
+            raise CLIError(f"{args.image or args.original}: {cube.shape[0]}×{cube.shape[1]} is smaller than the "
+                           f"{size}×{size} mask")
+        if cube.shape[:2] != (size, size):
+            print(f"using the centre {size}×{size} of the {cube.shape[0]}×{cube.shape[1]} cube", file=sys.stderr)
+        original = tiles(cube, size, "center")[0][1]
+    if args.image is not None:
+        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(original, -1, 0)))[None].to(device=device, dtype=dtype)
+        with torch.no_grad():
+            y = operator.A(x)
+        if args.save_measurement:
+            _save_npy(args.save_measurement, y[0].float().cpu().numpy())
+    else:
+        y = _load_cassi_measurement(args.measurement, operator).to(device=device, dtype=dtype)
+    if args.method == "model":
+        model = _load(args, operator).to(device=device, dtype=dtype).eval()
+        method = model
+    else:
+        method = args.method
+    start = time.perf_counter()
+    with torch.no_grad():
+        x_rec = reconstructor(method)(y, operator)
+    seconds = time.perf_counter() - start
+    check_finite_output(x_rec, args.measurement or args.image)
+    rec = np.clip(np.moveaxis(x_rec[0].double().cpu().numpy(), 0, -1), 0.0, 1.0)
+    if out.suffix.lower() == ".npy":
+        _save_npy(out, rec.astype(np.float32), "cube")
+    else:
+        import scipy.io
+
+        buffer = _io.BytesIO()
+        scipy.io.savemat(buffer, {"cube": rec.astype(np.float32)})
+        atomic_write_bytes(out, buffer.getvalue())
+        print(f"cube {rec.shape} written to {out} (key 'cube')")
+    false_colour_png(rec, preview)
+    print(f"reconstruction ({size}x{size}x{NUM_BANDS}, {args.method}) written to {out}, preview {preview}, in "
+          f"{seconds:.2f} s")
+    if original is not None:
+        psnr_value, ssim_value = cassi_scores(rec, original)
+        print(f"PSNR {psnr_value:.2f} dB, SSIM {ssim_value:.4f} (per band, averaged over {NUM_BANDS} bands)")
+        if args.plot:
+            plot_spectra(rec, original, args.plot)
+            print(f"spectra written to {args.plot}")
+    elif args.plot:
+        raise CLIError("--plot: needs the original cube (--image or --original)")
+    return 0
+
+
+def _load_cassi_measurement(path, operator):
+    """A CASSI measurement (H, W + step·(bands − 1)) from a .npy file, checked against the operator."""
+    import numpy as np
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"--measurement {path}: file not found")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise CLIError(f"--measurement {path}: is not a readable .npy file ({err})") from err
+    expected = (operator.mask.shape[0], operator.measurement_width)
+    if array.dtype.kind not in "fiu":
+        raise CLIError(f"--measurement {path}: holds {array.dtype} data; expected real numbers")
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if tuple(array.shape) != expected:
+        raise CLIError(f"--measurement {path}: has shape {tuple(array.shape)}; the mask "
+                       f"{tuple(operator.mask.shape)} with {operator.num_bands} bands and step {operator.step} "
+                       f"measures {expected}")
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise CLIError(f"--measurement {path}: holds {bad} non-finite value(s) (NaN or inf)")
+    return torch.from_numpy(np.asarray(array, dtype=np.float64))[None]
+
+
+def _save_npy(path, array, what: str = "measurement") -> None:
     import numpy as np
 
     from lorun_fast.io import atomic_write_bytes
@@ -410,7 +564,7 @@ def _save_npy(path, array) -> None:
     buffer = _io.BytesIO()
     np.save(buffer, array)
     atomic_write_bytes(path, buffer.getvalue())
-    print(f"measurement {tuple(array.shape)} written to {path}")
+    print(f"{what} {tuple(array.shape)} written to {path}")
 
 
 def _load_measurement(path, operator):
@@ -462,7 +616,8 @@ def _describe_rows(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-_ARCHITECTURE_OPTIONS = ("backbone", "channels", "blocks", "stages", "rank", "gamma", "alpha", "targets", "per_stage")
+_ARCHITECTURE_OPTIONS = ("task", "backbone", "channels", "blocks", "stages", "rank", "gamma", "alpha", "targets",
+                         "per_stage")
 
 
 def _backbone_kwargs(args) -> dict:
@@ -482,8 +637,15 @@ def cmd_describe(args) -> int:
     from lorun_fast.models import ModelConfig, build_dun, lorun_from
     from lorun_fast.reference import BlockCS
 
-    operator = BlockCS.gaussian(0.1)  # parameter counts do not depend on Φ
     _check_sources(args)
+    if args.task == "cassi":  # parameter counts depend on the bands, not on the mask
+        import torch
+
+        from lorun_fast.reference import CASSI
+
+        operator = CASSI(torch.ones(8, 8), 28, 2)
+    else:
+        operator = BlockCS.gaussian(0.1)  # nor on Φ
     if args.checkpoint:
         given = [f"--{name.replace('_', '-')}" for name in _ARCHITECTURE_OPTIONS if getattr(args, name) is not None]
         if given:
@@ -506,7 +668,12 @@ def cmd_describe(args) -> int:
     if args.rank is not None and args.gamma is not None:
         raise CLIError("--rank and --gamma: give one (a fixed rank, or the rule r = ceil(min(in, out)·γ/100))")
     backbone = args.backbone or "resunet"
-    kwargs = _backbone_kwargs(args)
+    from lorun_fast.tasks import get_task
+
+    try:
+        kwargs = get_task(args.task or "cs").backbone_kwargs(backbone, _backbone_kwargs(args))
+    except ValueError as err:
+        raise CLIError(f"--backbone {backbone}: {err}") from err
     stages = args.stages or 9
     gamma = 10.0 if args.gamma is None else args.gamma
     targets = _split(args.targets) or ("*",)
@@ -523,7 +690,7 @@ def cmd_describe(args) -> int:
         print(json.dumps([{"model": name, **counts} for name, counts in rows]))
         return 0
     rule = f"rank {args.rank}" if args.rank else f"γ = {gamma:g}"
-    print(f"{backbone} {kwargs}, {stages} stages, LoRA {rule} on {list(targets)}"
+    print(f"{args.task or 'cs'}: {backbone} {kwargs}, {stages} stages, LoRA {rule} on {list(targets)}"
           + (f", per-stage {list(per_stage)}" if per_stage else ""))
     print(_describe_rows(rows))
     print("lorun: 'trainable' is phase 2 (adapters, step sizes and per-stage parameters; the base is frozen)")
@@ -544,6 +711,7 @@ TRAIN_FIELDS = {
     "min_lr_ratio": "min_lr_ratio", "warmup": "warmup_steps", "weight_decay": "weight_decay",
     "grad_clip": "grad_clip", "seed": "seed", "precision": "precision", "backend": "backend",
     "log_every": "log_every", "checkpoint_every": "checkpoint_every", "adapter_name": "adapter_name",
+    "task": "task_name", "mask": "mask", "exclude": "exclude",
 }
 
 
@@ -582,18 +750,42 @@ def _train_config(args):
                        "seeded Gaussian Φ)")
     if args.rank is not None and args.gamma is not None:
         raise CLIError("--rank and --gamma: give one (a fixed rank, or the rule r = ceil(min(in, out)·γ/100))")
+    from lorun_fast.tasks import get_task
+
+    task = get_task(args.task)
+    cs_only = [option for option, value in (("--ratio", args.ratio), ("--phi", args.phi), ("--qinit", args.qinit),
+                                            ("--gaussian", args.gaussian)) if value is not None]
+    cassi_only = [option for option, value in (("--mask", args.mask), ("--exclude", args.exclude))
+                  if value is not None]
+    if args.task != "cs" and cs_only:
+        raise CLIError(f"{', '.join(cs_only)}: not an option of the {args.task} task")
+    if args.task != "cassi" and cassi_only:
+        raise CLIError(f"{', '.join(cassi_only)}: not an option of the {args.task} task")
     if args.base is not None:
         backbone, kwargs = _base_options(args)
     else:
         backbone, kwargs = args.backbone or "resunet", _backbone_kwargs(args)
+    try:
+        kwargs = task.backbone_kwargs(backbone, kwargs)
+    except ValueError as err:
+        raise CLIError(f"--backbone {backbone}: {err}") from err
+    if args.task == "cs":
+        ratio = 25 if args.ratio is None and args.phi is None else args.ratio
+        exclude = []
+    else:
+        from lorun_fast.tasks.cassi import HELD_OUT
+
+        ratio = None
+        exclude = list(HELD_OUT) if args.exclude is None else list(_split(args.exclude))
     return TrainConfig(
         strategy=args.strategy, num_stages=args.stages, backbone=backbone, backbone_kwargs=kwargs,
         rank=args.rank, gamma=10.0 if args.gamma is None else args.gamma, alpha=args.alpha,
-        targets=list(_split(args.targets)) or ["*"], per_stage=list(_split(args.per_stage)),
-        ratio=25 if args.ratio is None and args.phi is None else args.ratio, phi=args.phi, qinit=args.qinit,
+        targets=list(_split(args.targets)) or ["*"], per_stage=list(_split(args.per_stage)), task_name=args.task,
+        ratio=ratio, phi=args.phi, qinit=args.qinit, mask=args.mask, exclude=exclude,
         gaussian_seed=args.gaussian, base=args.base, base_phase=args.base_phase, steps=args.steps,
         phase1_steps=args.phase1_steps, train_images=args.train_images, val_images=args.val_images,
-        val_every=args.val_every, val_limit=args.val_limit, crop=args.crop, batch_size=args.batch_size,
+        val_every=args.val_every, val_limit=args.val_limit, crop=args.crop or task.default_crop,
+        batch_size=args.batch_size,
         augment=not args.no_augment, lr=args.lr, lr_phase2=args.lr_phase2, min_lr_ratio=args.min_lr_ratio,
         warmup_steps=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip or None, seed=args.seed,
         precision=args.precision, backend=args.backend, log_every=args.log_every,
@@ -624,7 +816,7 @@ def _ignored_on_resume(args, recorded) -> list[str]:
             shown = recorded_dict["backbone_kwargs"].get("channels" if dest == "channels" else "num_blocks")
         elif dest == "no_augment":
             value, shown = True, not recorded_dict["augment"]
-        elif dest in ("targets", "per_stage"):
+        elif dest in ("targets", "per_stage", "exclude"):
             value = list(_split(value))
         if value != shown:
             lines.append(f"{_option(dest)} {value} is not used: the run records {field_name}={shown!r}")
@@ -658,10 +850,10 @@ def cmd_train(args) -> int:
             config.validate()
         except ValueError as err:
             raise _as_option_error(err) from err
-        for name, path, folder in (("--train-images", config.train_images, True),
-                                   ("--val-images", config.val_images, True)):
-            if path is not None and not Path(path).is_dir():
-                raise CLIError(f"{name} {path}: folder not found")
+        if config.train_images is not None and not Path(config.train_images).is_dir():
+            raise CLIError(f"--train-images {config.train_images}: folder not found")
+        if config.val_images is not None and not Path(config.val_images).exists():
+            raise CLIError(f"--val-images {config.val_images}: not found")
     try:
         trainer, summary = run_training(config, out, device=device, resume=args.resume, stop_at=args.stop_at,
                                         quiet=args.quiet, install_signal_handlers=True)
@@ -757,6 +949,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "ista_net_plus 32)")
     g.add_argument("--blocks", type=_number(int, 0), help="resunet residual blocks per level (default 1)")
     _add_lora_options(g)
+    tr.add_argument("--task", choices=("cs", "cassi"), default="cs", help="the restoration task")
+    g = tr.add_argument_group("cassi task")
+    g.add_argument("--mask", help="coded-aperture mask .mat (default $LORUN_DATA/cassi/mask.mat)")
+    g.add_argument("--exclude", help="comma-separated scene names of --train-images left out of training "
+                   "(default sushi,cloth_256: held out for testing)")
     g = tr.add_argument_group("CS task")
     source = g.add_mutually_exclusive_group()
     source.add_argument("--phi", help="sampling matrix .mat instead of the ratio's")
@@ -772,12 +969,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=_positive(int), default=1000, help="optimizer steps in all (lorun: both phases)")
     g.add_argument("--phase1-steps", type=_number(int, 0), help="lorun: steps of phase 1 (default half of --steps)")
     g = tr.add_argument_group("data")
-    g.add_argument("--train-images", help="training image folder (default $LORUN_DATA/Train400)")
-    g.add_argument("--val-images", help="held-out folder validated with the ISTA-Net protocol every --val-every")
+    g.add_argument("--train-images", help="training folder: images for cs (default $LORUN_DATA/Train400), .mat/.npy "
+                   "cubes for cassi (default $LORUN_DATA/cassi/cave)")
+    g.add_argument("--val-images", help="held-out folder (for cassi also one cube file) validated with the task's "
+                   "protocol every --val-every")
     g.add_argument("--val-every", type=_number(int, 0), default=0, help="validate on --val-images every N steps and "
                    "at the end (0: never)")
     g.add_argument("--val-limit", type=_positive(int), help="validate on the first N images only")
-    g.add_argument("--crop", type=_positive(int), default=66, help="square crop size (any; padded to 33-blocks)")
+    g.add_argument("--crop", type=_positive(int), help="square crop size (cs: any, padded to 33-blocks, default 66; "
+                   "cassi: at most 256, default 256)")
     g.add_argument("--batch-size", type=_positive(int), default=8, help="global batch (split over processes)")
     g.add_argument("--no-augment", action="store_true", help="no random flips/rotations")
     g = tr.add_argument_group("optimisation")
@@ -810,8 +1010,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "--adapters — or a published ISTA-Net+ .pkl) on an image folder: per-image PSNR/SSIM "
                              "table and the mean; with --out, reconstructions as PNG and results.csv.")
     _add_model_source(ev, required=False)
-    ev.add_argument("--images", required=True, help="folder of test images (e.g. $LORUN_DATA/Set11), of .mat/.npy "
-                    "cubes for cassi, of HR images for sr")
+    ev.add_argument("--images", required=True, nargs="+", help="test images: folders and/or files (e.g. "
+                    "$LORUN_DATA/Set11); .mat/.npy cubes for cassi; HR images for sr")
     ev.add_argument("--task", choices=TASKS, help="default: what the checkpoint records, else cs")
     ev.add_argument("--method", default="model", choices=("model", "x0", "gap-tv", "bicubic"),
                     help="model (the checkpoint; cs, cassi); x0 (the initialisation) or gap-tv (Yuan 2016) for "
@@ -839,14 +1039,23 @@ def build_parser() -> argparse.ArgumentParser:
                              description="One image in → block-CS measurement (ISTA-Net protocol) → reconstruction → "
                              "PNG out, with PSNR/SSIM against the original. Or reconstruct a saved measurement "
                              "(--measurement y.npy of shape (Hb, Wb, m)); PSNR then needs --original.")
-    _add_model_source(rs)
+    _add_model_source(rs, required=False)
+    rs.add_argument("--task", choices=("cs", "cassi"), help="default: what the checkpoint records, else cs")
+    rs.add_argument("--method", default="model", choices=("model", "x0", "gap-tv"),
+                    help="cassi: x0 or gap-tv instead of a model")
     source = rs.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image", help="the original image to measure and reconstruct")
-    source.add_argument("--measurement", help="a .npy of block measurements (Hb, Wb, m) instead of --image")
+    source.add_argument("--image", help="the original image (cassi: a .mat/.npy cube) to measure and reconstruct")
+    source.add_argument("--measurement", help="a .npy measurement instead of --image: block measurements (Hb, Wb, m) "
+                        "for cs, (H, W + 54) for cassi")
     rs.add_argument("--size", type=_positive(int), nargs=2, metavar=("H", "W"),
                     help="with --measurement: crop the reconstruction to H×W")
     rs.add_argument("--original", help="reference image for PSNR/SSIM (default: --image)")
-    rs.add_argument("--out", required=True, help="the reconstruction (.png; never one of the inputs)")
+    rs.add_argument("--out", required=True, help="the reconstruction (.png for cs; .npy or .mat cube for cassi); "
+                    "never one of the inputs")
+    g = rs.add_argument_group("cassi task")
+    g.add_argument("--mask", help="coded-aperture mask .mat (default: the checkpoint's, else the shared one)")
+    g.add_argument("--preview", help="false-colour PNG of the reconstruction (default: --out with .png)")
+    g.add_argument("--plot", help="PNG of the spectra at a few pixels against the original")
     rs.add_argument("--save-measurement", help="with --image: also save the simulated measurement as .npy")
     _add_task_options(rs)
     rs.add_argument("--device", help=device_help)
@@ -859,6 +1068,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "and lorun strategies for a backbone, or of one checkpoint (--checkpoint [--adapters]; "
                              "its architecture comes from the file).")
     _add_model_source(ds, required=False)
+    ds.add_argument("--task", choices=("cs", "cassi"), help="the task's images (1 channel for cs, 28 bands for "
+                    "cassi); default cs")
     ds.add_argument("--backbone", choices=BACKBONE_CHOICES, help="default resunet")
     ds.add_argument("--channels", type=_positive(int), help="width (default 16 for resunet, 32 for ista_net_plus)")
     ds.add_argument("--blocks", type=_number(int, 0), help="resunet residual blocks per level (default 1)")

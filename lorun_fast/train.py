@@ -1,6 +1,7 @@
-"""Training DUNs for block compressive sensing: the ``block``, ``shared`` and ``lorun`` strategies.
+"""Training DUNs for any task (:mod:`lorun_fast.tasks`: block CS, CASSI): the ``block``, ``shared`` and ``lorun``
+strategies.
 
-``lorun`` trains in two phases (DESIGN.md §1):
+``lorun`` trains in two phases:
 
 1. the base: by default the weight-tied (``shared``) K-stage DUN trained on the task for ``phase1_steps`` steps,
    or a given checkpoint (``base``: a lorun_fast ``shared``/``base`` file, or one phase of a ``block`` model such as
@@ -8,9 +9,10 @@
 2. the base is frozen and only the per-stage adapters, the step sizes ``rho`` and any ``per_stage`` base parameters
    are trained, end to end through all K stages.
 
-Everything is MSE on random crops of an image folder (Train400 by default: random crops, flips and rotations),
-measured on the fly with the task's Φ (zero-padded to whole 33×33 blocks, loss on the crop). Adam with a cosine
-schedule per phase, gradient clipping, float32 or bfloat16 autocast.
+Everything is MSE on random crops measured on the fly, as the task's plug-in defines them: gray crops of an image
+folder (Train400 by default) zero-padded to whole 33×33 blocks for CS; 28-band crops of CAVE scenes measured with
+a random crop of the mask for CASSI. Adam with a cosine schedule per phase, gradient clipping, float32 or bfloat16
+autocast.
 
 The data are a pure function of ``(seed, step)``, learning rates of the step, and the adapters' initialisation of
 the seed, so a run stopped at any step and resumed (:meth:`Trainer.train` on the same folder) ends with exactly the
@@ -46,15 +48,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lorun_fast.checkpoints import (import_ista_net_plus, load_dun, save_adapters, save_base, save_dun)
 from lorun_fast.io import (TEMP_NAME, atomic_write_bytes, atomic_write_text, check_file_name, check_writable_folder,
-                          data_root, list_images, read_gray, remove_stale_temps)
+                          remove_stale_temps)
 from lorun_fast.models import (ModelConfig, base_of, build_dun, dataclass_from_dict, lorun_from, shared_from_block,
                                to_fast)
 from lorun_fast.reference import STRATEGIES, BlockCS, DUN
 from lorun_fast.reference.lora_conv import check_alpha
+from lorun_fast.tasks import TASK_NAMES, get_task
+from lorun_fast.tasks.cs import PatchSampler, operator_from_task
 
 __all__ = ["TrainConfig", "PatchSampler", "Trainer", "operator_from_task", "lr_at", "ddp_gradients", "run_training",
            "read_log", "check_run_folder", "base_architecture", "RUN_FILES"]
@@ -62,29 +65,6 @@ __all__ = ["TrainConfig", "PatchSampler", "Trainer", "operator_from_task", "lr_a
 PRECISIONS = ("float32", "bfloat16")
 TRAIN_BACKENDS = ("auto", "reference", "merged", "triton")
 STATE_FORMAT = 1
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The task: which Φ
-# ----------------------------------------------------------------------------------------------------------------
-def operator_from_task(task: dict) -> BlockCS:
-    """The block-CS operator of a task dict: ``{"ratio": 25}`` (ISTA-Net's Φ and Qinit under the data folder),
-    ``{"phi": path, "qinit": path or None}``, or ``{"gaussian_ratio": 0.25, "seed": 0}`` (a seeded Gaussian Φ)."""
-    if not isinstance(task, dict):
-        raise ValueError(f"task: expected a dict, got {type(task).__name__}")
-    if task.get("phi"):
-        return BlockCS.from_mat(task["phi"], task.get("qinit"))
-    if task.get("gaussian_ratio") is not None:
-        return BlockCS.gaussian(float(task["gaussian_ratio"]), seed=int(task.get("seed", 0)))
-    if task.get("ratio") is not None:
-        folder = data_root() / "cs_sampling"
-        phi = folder / f"phi_0_{int(task['ratio'])}_1089.mat"
-        qinit = folder / f"Initialization_Matrix_{int(task['ratio'])}.mat"
-        if not phi.is_file():
-            raise FileNotFoundError(f"ratio {task['ratio']}: no sampling matrix {phi} (set LORUN_DATA, or give "
-                                    f"--phi / --gaussian)")
-        return BlockCS.from_mat(phi, qinit if qinit.is_file() else None)
-    raise ValueError(f"task: expected 'ratio', 'phi' or 'gaussian_ratio', got {sorted(task)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,11 +84,16 @@ class TrainConfig:
     alpha: float | None = None
     targets: list = field(default_factory=lambda: ["*"])
     per_stage: list = field(default_factory=list)
-    # task: ISTA-Net's matrices for `ratio` (default), explicit files, or a seeded Gaussian Φ at `ratio`
+    # the task (lorun_fast.tasks): "cs" or "cassi"
+    task_name: str = "cs"
+    # cs: ISTA-Net's matrices for `ratio` (default), explicit files, or a seeded Gaussian Φ at `ratio`
     ratio: int | None = 25
     phi: str | None = None
     qinit: str | None = None
     gaussian_seed: int | None = None
+    # cassi: the mask file (default: the shared one) and training-folder scenes left out (held out for testing)
+    mask: str | None = None
+    exclude: list = field(default_factory=list)
     # lorun: the base (phase 1) — trained here for phase1_steps, or read from a checkpoint
     base: str | None = None
     base_phase: int | None = None
@@ -146,12 +131,8 @@ class TrainConfig:
 
     # -- derived values -------------------------------------------------------------------------------------------
     def task(self) -> dict:
-        if self.phi:
-            return {"phi": str(Path(self.phi).absolute()),
-                    "qinit": str(Path(self.qinit).absolute()) if self.qinit else None}
-        if self.gaussian_seed is not None:
-            return {"gaussian_ratio": self.ratio / 100, "seed": self.gaussian_seed}
-        return {"ratio": self.ratio}
+        """The task record every checkpoint of the run carries (see :mod:`lorun_fast.tasks`)."""
+        return get_task(self.task_name).record(self)
 
     def resolved_phase1_steps(self) -> int:
         """Steps of phase 1: all of them for block/shared; for lorun ``phase1_steps`` (default half the steps, 0
@@ -165,13 +146,14 @@ class TrainConfig:
     def resolved_adapter_name(self) -> str:
         if self.adapter_name:
             return self.adapter_name
-        return f"cs{self.ratio}" if self.ratio is not None and not self.phi else "default"
+        return get_task(self.task_name).default_adapter_name(self)
 
     def model_config(self, strategy: str | None = None) -> ModelConfig:
         strategy = strategy or self.strategy
         lorun = strategy == "lorun"
+        kwargs = get_task(self.task_name).backbone_kwargs(self.backbone, self.backbone_kwargs)
         return ModelConfig(strategy=strategy, num_stages=self.num_stages, backbone=self.backbone,
-                           backbone_kwargs=dict(self.backbone_kwargs), rank=self.rank if lorun else None,
+                           backbone_kwargs=kwargs, rank=self.rank if lorun else None,
                            gamma=self.gamma, alpha=self.alpha if lorun else None, targets=tuple(self.targets),
                            per_stage=tuple(self.per_stage) if lorun else ())
 
@@ -225,11 +207,10 @@ class TrainConfig:
         need(not (self.precision == "bfloat16" and self.backend in ("merged", "triton")),
              "backend: the fused LoRA layers run in one dtype; with bfloat16 autocast use backend 'auto' or "
              "'reference'")
-        need(self.phi is not None or self.ratio is not None, "task: give a ratio (percent) or a phi file")
-        need(self.ratio is None or 0 < self.ratio <= 100, f"ratio: expected a percentage in (0, 100], got "
-                                                            f"{self.ratio}")
-        need(self.gaussian_seed is None or self.ratio is not None, "gaussian_seed: needs a ratio")
-        need(self.qinit is None or self.phi is not None, "qinit: needs phi")
+        need(self.task_name in TASK_NAMES, f"task_name: expected one of {TASK_NAMES}, got {self.task_name!r}")
+        need(isinstance(self.exclude, (list, tuple)) and all(isinstance(e, str) for e in self.exclude),
+             f"exclude: expected a list of scene names, got {self.exclude!r}")
+        get_task(self.task_name).check(self, need)
         if self.strategy != "lorun":
             need(self.base is None, f"base: only the lorun strategy takes a base, not {self.strategy!r}")
             need(not self.per_stage, "per_stage: only the lorun strategy has per-stage base parameters")
@@ -258,47 +239,6 @@ def lr_at(step: int, start: int, end: int, lr: float, warmup: int = 0, min_ratio
     span = max(1, total - 1 - warmup)
     progress = min(1.0, (t - warmup) / span)
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------------------
-class PatchSampler:
-    """Random crops (with the 8 flips/rotations) of images held in memory, a pure function of ``(seed, step)``."""
-
-    def __init__(self, images: list[np.ndarray], crop: int, batch_size: int, seed: int = 0, augment: bool = True,
-                 names: list[str] | None = None):
-        if not images:
-            raise ValueError("train images: none given")
-        small = [(names[i] if names else str(i), im.shape) for i, im in enumerate(images)
-                 if im.shape[0] < crop or im.shape[1] < crop]
-        if small:
-            raise ValueError(f"crop: {crop}×{crop} is larger than {len(small)} training image(s), e.g. "
-                             f"{small[0][0]} of size {small[0][1][0]}×{small[0][1][1]}; use a smaller --crop")
-        self.images, self.crop, self.batch_size, self.seed, self.augment = images, crop, batch_size, seed, augment
-
-    @classmethod
-    def from_folder(cls, folder, crop: int, batch_size: int, seed: int = 0, augment: bool = True) -> "PatchSampler":
-        paths = list_images(folder)
-        return cls([read_gray(p) for p in paths], crop, batch_size, seed, augment, [p.name for p in paths])
-
-    def batch(self, step: int) -> torch.Tensor:
-        """The global batch of ``step``: (batch_size, 1, crop, crop) float32 in [0, 1]."""
-        rng = np.random.default_rng([self.seed, step])
-        c = self.crop
-        patches = []
-        for index in rng.integers(len(self.images), size=self.batch_size):
-            image = self.images[index]
-            top = rng.integers(image.shape[0] - c + 1)
-            left = rng.integers(image.shape[1] - c + 1)
-            k = int(rng.integers(8))
-            patch = image[top:top + c, left:left + c]
-            if self.augment:
-                patch = np.rot90(patch, k % 4)
-                if k >= 4:
-                    patch = patch[:, ::-1]
-            patches.append(np.ascontiguousarray(patch))
-        return torch.from_numpy(np.stack(patches)[:, None].astype(np.float32) / 255.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -439,14 +379,13 @@ class Trainer:
             if not interpreting():
                 raise ValueError(f"backend: 'triton' needs a CUDA device, but this run is on {self.device}; use "
                                  f"'auto' (merged on a CPU) or 'merged'")
+        self.plugin = get_task(config.task_name)
         self.task = config.task()
-        self.operator = operator_from_task(self.task)
-        train_images = config.train_images or str(data_root() / "Train400")
-        self.sampler = PatchSampler.from_folder(train_images, config.crop, config.batch_size, config.seed,
-                                                config.augment)
+        self.operator = self.plugin.training_operator(self.task, config)
+        self.sampler = self.plugin.sampler(config)
         self.val_images = None
         if config.val_images and config.val_every:
-            self.val_images = list_images(config.val_images)[: config.val_limit]
+            self.val_images = self.plugin.validation_files(config.val_images)[: config.val_limit]
         self.phase1_steps = config.resolved_phase1_steps()
         if config.strategy == "lorun" and config.base:
             self._load_base()  # a bad base (phase, stages, architecture, NaN) fails before the run folder is touched
@@ -539,23 +478,14 @@ class Trainer:
         self._log({"event": "phase", "phase": 1, "step": 0, "parameters": self.model.parameter_counts()})
 
     # -- one step ------------------------------------------------------------------------------------------------
-    def local_batch(self, step: int) -> torch.Tensor:
-        x = self.sampler.batch(step)
-        per = x.shape[0] // self.world_size
-        return x[self.rank * per:(self.rank + 1) * per].to(self.device)
+    def local_batch(self, step: int):
+        """This rank's slice of the global batch of ``step``."""
+        return self.plugin.rank_slice(self.sampler.batch(step), self.rank, self.world_size)
 
     def loss(self, step: int) -> torch.Tensor:
-        """MSE of the reconstruction of this rank's slice of the batch of ``step``."""
-        x = self.local_batch(step)
-        h, w = x.shape[-2:]
-        hp, wp = self.operator.padded_size((h, w))
-        padded = F.pad(x, (0, wp - w, 0, hp - h))
-        with torch.no_grad():
-            y = self.model.operator.A(padded)
+        """MSE of the reconstruction of this rank's slice of the batch of ``step`` (the task's loss)."""
         bf16 = self.config.precision == "bfloat16"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            x_hat = self.train_model(y, (hp, wp))
-        return F.mse_loss(x_hat.float()[..., :h, :w], x)
+        return self.plugin.loss(self.model, self.train_model, self.local_batch(step), self.device, bf16)
 
     def gradients(self, step: int | None = None) -> dict[str, torch.Tensor]:
         """The (all-reduced) gradients of the batch of ``step`` (default: the next step) for the run in ``run_dir``
@@ -710,9 +640,9 @@ class Trainer:
         """Mean PSNR/SSIM with the ISTA-Net protocol on the validation images (rank 0)."""
         if self.rank != 0 or not self.val_images:
             return None
-        from lorun_fast.evaluate import evaluate_cs, mean_scores
+        from lorun_fast.evaluate import mean_scores
 
-        results = evaluate_cs(self.model, self.val_images, device=str(self.device))
+        results = self.plugin.validate(self.model, self.val_images, str(self.device), self.config)
         self.model.train()
         psnr, ssim = mean_scores(results)
         self.last_val = {"step": self.step, "psnr": psnr, "ssim": ssim}

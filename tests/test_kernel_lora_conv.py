@@ -34,7 +34,7 @@ gpu_only = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA de
                                                                 "Triton kernels")
 
 # All tolerances. For float32 modes: max|kernel − ref| ≤ rtol·max|ref| + atol, per output / gradient, against a
-# float64 reference. For 16-bit dtypes (DESIGN.md §7):
+# float64 reference. For 16-bit dtypes:
 #     max|kernel − ref| ≤ factor·max|torch − ref| + atol·max|ref|,
 # where "torch" is the same computation done by PyTorch in that dtype.
 TOL = {

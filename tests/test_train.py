@@ -446,7 +446,7 @@ def test_restore_one_image_and_a_saved_measurement(images, tmp_path, capsys):
     (["restore", "--checkpoint", "{ckpt}", "--image", "{img}", "--out", "{tmp}/r.jpg"], "expected a .png"),
     (["restore", "--checkpoint", "{tmp}/nope.safetensors", "--image", "{img}", "--out", "{tmp}/r.png"],
      "nope.safetensors"),
-    (["eval", "--checkpoint", "{ckpt}", "--images", "{img}"], "is not a folder"),
+    (["eval", "--checkpoint", "{ckpt}", "--images", "{ckpt}"], "is not an image"),
     (["eval", "--checkpoint", "{tmp}/x.pkl", "--adapters", "{ckpt}", "--images", "{imgs}", "--ratio", "25"],
      "needs a lorun_fast base"),
     (["train", "--out", "{tmp}/run", "--train-images", "{tmp}/nothing", "--gaussian", "0"], "nothing"),

@@ -385,19 +385,22 @@ class CassiSampler:
 
 
 def use_mask(operator: CASSI, mask: torch.Tensor | np.ndarray) -> CASSI:
-    """Copy ``mask`` into ``operator.mask`` in place (same shape; dtype and device of the operator's buffer).
+    """Put ``mask`` into ``operator.mask`` (in the dtype and on the device of the operator's buffer): copied in place
+    when the shapes agree, else the buffer is replaced (a model trained on 64² crops evaluated on 256² tiles).
 
-    This is how a batch's mask crop from :class:`CassiSampler` reaches a DUN whose operator (and its device) is
-    fixed at build time. Returns the operator.
+    This is how a batch's mask crop from :class:`CassiSampler`, or an evaluation mask, reaches a DUN whose operator
+    (and its device) is fixed at build time. Returns the operator.
     """
     if not isinstance(operator, CASSI):
         raise TypeError(f"operator: expected a CASSI operator, got {type(operator).__name__}")
     mask = torch.as_tensor(mask)
-    if tuple(mask.shape) != tuple(operator.mask.shape):
-        raise ValueError(f"mask: expected shape {tuple(operator.mask.shape)} (the operator's), got "
-                         f"{tuple(mask.shape)}")
+    if mask.dim() != 2:
+        raise ValueError(f"mask: expected a 2-D (H, W) mask, got shape {tuple(mask.shape)}")
     with torch.no_grad():
-        operator.mask.copy_(mask)
+        if tuple(mask.shape) == tuple(operator.mask.shape):
+            operator.mask.copy_(mask)
+        else:
+            operator.mask = mask.to(dtype=operator.mask.dtype, device=operator.mask.device).clone()
     return operator
 
 
@@ -631,7 +634,8 @@ def evaluate_cassi(reconstruct_fn: ReconstructFn, cube_paths: Sequence[str | os.
                    key: str | None = None, layout: str | None = None, band_method: str = "interp",
                    step: int = DISPERSION_STEP, dtype: torch.dtype = torch.float32, device: str = "cpu",
                    clip: bool = True, out_dir: str | os.PathLike | None = None,
-                   progress: bool = False) -> list[ImageResult]:
+                   progress: bool = False, on_load: Callable[[Path, str], None] | None = None
+                   ) -> list[ImageResult]:
     """Simulate CASSI on test cubes, reconstruct them and score them: one :class:`ImageResult` per tile.
 
     For each file: :func:`load_cube_28` (``key``, ``layout``, ``band_method``) → :func:`tiles` (``size``,
@@ -642,6 +646,7 @@ def evaluate_cassi(reconstruct_fn: ReconstructFn, cube_paths: Sequence[str | os.
     file stem (``feathers``, or ``feathers_r0c1`` for ``mode="tiles"``); height and width are the tile size.
 
     With ``out_dir``, writes ``<name>.png`` (false colour of the reconstruction) and ``<name>_spectra.png`` there.
+    ``on_load(path, description)`` hears what was read from each file (key, layout, scaling, bands).
     """
     mask = torch.as_tensor(operator_mask).to(torch.float64)
     if mask.dim() != 2:
@@ -661,7 +666,9 @@ def evaluate_cassi(reconstruct_fn: ReconstructFn, cube_paths: Sequence[str | os.
         from tqdm import tqdm
         paths = tqdm(paths, desc="eval", unit="cube")
     for path in paths:
-        cube, _ = load_cube_28(path, key, layout, band_method)
+        cube, described = load_cube_28(path, key, layout, band_method)
+        if on_load is not None:
+            on_load(Path(path), described)
         for name, tile in tiles(cube, size, mode, Path(path).stem):
             x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(tile, -1, 0)))[None].to(device=device, dtype=dtype)
             with torch.no_grad():
@@ -775,3 +782,117 @@ def plot_spectra(cube_rec, cube_true, path: str | os.PathLike, pixels: Sequence[
     buffer = BytesIO()
     figure.savefig(buffer, format="png")
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The task plug-in
+# ----------------------------------------------------------------------------------------------------------------
+#: Scenes of the shared CAVE folder held out of training by default (one full scene and the 16-bit cloth).
+HELD_OUT = ("sushi", "cloth_256")
+
+
+def cube_files(paths) -> list[Path]:
+    """The ``.mat``/``.npy`` cubes named by ``paths`` (files, or folders whose cubes are taken), in order."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[Path] = []
+    for entry in map(Path, paths):
+        if entry.is_dir():
+            found = sorted(p for p in entry.iterdir() if p.is_file() and not p.name.startswith(".")
+                           and p.suffix.lower() in (".mat", ".npy"))
+            if not found:
+                raise ValueError(f"cubes: {entry} holds no .mat or .npy cubes")
+            files += found
+        elif entry.is_file():
+            files.append(entry)
+        else:
+            raise FileNotFoundError(f"cubes: {entry} does not exist")
+    return files
+
+
+class CassiTask:
+    """Single-disperser CASSI: 28-band cubes, the real 256² mask (random crops of it in training), step 2.
+
+    Record: ``{"task": "cassi", "mask": path or None (the shared mask), "num_bands": 28, "step": 2}``.
+    """
+
+    name = "cassi"
+    default_crop = 256
+
+    def record(self, config) -> dict:
+        return {"task": self.name, "mask": str(Path(config.mask).absolute()) if config.mask else None,
+                "num_bands": NUM_BANDS, "step": DISPERSION_STEP}
+
+    def operator(self, record: dict) -> CASSI:
+        mask = load_mask(record.get("mask"))
+        return CASSI(torch.from_numpy(mask), int(record.get("num_bands", NUM_BANDS)),
+                     int(record.get("step", DISPERSION_STEP)))
+
+    def training_operator(self, record: dict, config) -> CASSI:
+        """The operator at the crop size (its mask is replaced by each batch's crop)."""
+        mask = load_mask(record.get("mask"))
+        if config.crop > min(mask.shape):
+            raise ValueError(f"crop: {config.crop} is larger than the mask ({mask.shape[0]}×{mask.shape[1]})")
+        crop = np.ascontiguousarray(mask[:config.crop, :config.crop])
+        return CASSI(torch.from_numpy(crop), NUM_BANDS, DISPERSION_STEP)
+
+    def backbone_kwargs(self, backbone: str, kwargs: dict) -> dict:
+        if backbone != "resunet":
+            raise ValueError(f"backbone: the cassi task uses the resunet backbone (28 bands in and out), got "
+                             f"{backbone!r}")
+        kwargs = dict(kwargs)
+        if kwargs.setdefault("in_channels", NUM_BANDS) != NUM_BANDS:
+            raise ValueError(f"backbone_kwargs: in_channels {kwargs['in_channels']} is not the {NUM_BANDS} bands")
+        return kwargs
+
+    def default_train_images(self) -> str:
+        return str(data_root() / "cassi" / "cave")
+
+    def default_adapter_name(self, config) -> str:
+        return "cassi"
+
+    def training_files(self, config) -> list[Path]:
+        files = [p for p in cube_files(config.train_images or self.default_train_images())
+                 if p.stem not in set(config.exclude)]
+        if not files:
+            raise ValueError(f"train_images: no cube left for training after excluding {list(config.exclude)}")
+        return files
+
+    def sampler(self, config) -> CassiSampler:
+        files = self.training_files(config)
+        scenes = [load_cube_28(p)[0] for p in files]
+        return CassiSampler(scenes, load_mask(config.mask), config.crop, config.batch_size, config.seed,
+                            config.augment, [p.stem for p in files])
+
+    def rank_slice(self, batch, rank: int, world_size: int):
+        x, mask = batch
+        per = x.shape[0] // world_size
+        return x[rank * per:(rank + 1) * per], mask
+
+    def loss(self, model, train_model, batch, device, bf16: bool) -> torch.Tensor:
+        """MSE of the reconstruction of a batch measured with its mask crop."""
+        x, mask = batch
+        x = x.to(device)
+        use_mask(model.operator, mask.to(device))
+        with torch.no_grad():
+            y = model.operator.A(x)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            x_hat = train_model(y, tuple(x.shape[-2:]))
+        return torch.nn.functional.mse_loss(x_hat.float(), x)
+
+    def validation_files(self, paths) -> list[Path]:
+        return cube_files(paths)
+
+    def check(self, config, need) -> None:
+        """The CASSI part of ``TrainConfig.validate`` (Φ options are CS's; the ratio is ignored)."""
+        need(config.phi is None and config.qinit is None and config.gaussian_seed is None,
+             "phi, qinit, gaussian_seed: the cassi task measures with a mask, not a sampling matrix")
+        need(config.backbone == "resunet", f"backbone: the cassi task uses the resunet backbone, got "
+                                           f"{config.backbone!r}")
+        need(config.crop <= 256, f"crop: expected at most the mask's 256, got {config.crop}")
+
+    def validate(self, model, paths, device: str, config) -> list[ImageResult]:
+        return evaluate_cassi(reconstructor(model), paths, load_mask(config.mask), device=device)
+
+
+TASK = CassiTask()
