@@ -58,42 +58,79 @@ def _cfg(bm, bn, bk, warps, stages):
 # LORUN_FAST_TUNE=0 (the GPU test run) keeps two configs, one of them at 8 warps, so tests compile in seconds.
 _TUNE = full_tuning()
 
+# Config lists per dot precision, because the precision changes what a tile costs in registers: "tf32" (also what
+# 16-bit inputs get, see settings.dot_precision) becomes tensor-core MMAs; "tf32x3" issues three MMAs per product on
+# split operands, three times the operand registers; "ieee" becomes FMA loops with the whole accumulator and both
+# operand fragments in registers. Tiles tuned for tf32 spill at 255 registers in the other two (ptxas, sm_90,
+# bench/compile_report.py). The autotuner holds one list, the union; the pruner keeps the precision's own entries.
 if _INTERPRET:
     # Autotuning in the interpreter would run every config; 16-wide N/K tiles make the small test channel counts
     # (24, 32) span several tiles, so the tail masks are exercised.
-    _FWD_CONFIGS = [_cfg(64, 16, 16, 4, 1)]
+    _FWD_BY_PRECISION = {"tf32": [_cfg(64, 16, 16, 4, 1)]}
     _DW_CONFIGS = [triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16}, num_warps=4, num_stages=1)]
 elif not _TUNE:
-    _FWD_CONFIGS = [_cfg(64, 16, 16, 4, 2), _cfg(128, 64, 32, 8, 3)]
+    _FWD_BY_PRECISION = {
+        "tf32": [_cfg(64, 16, 16, 4, 2), _cfg(128, 64, 32, 8, 3)],
+        "tf32x3": [_cfg(64, 16, 16, 4, 2), _cfg(128, 64, 32, 8, 3)],
+        "ieee": [_cfg(64, 16, 16, 8, 2), _cfg(64, 64, 16, 8, 2)],
+    }
     _DW_CONFIGS = [triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16}, num_warps=4, num_stages=2),
                    triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64}, num_warps=8, num_stages=3)]
 else:
-    # A short list: autotuning compiles and times every entry once per key.
-    _FWD_CONFIGS = [
-        _cfg(128, 64, 32, 4, 3),
-        _cfg(128, 64, 32, 8, 3),
-        _cfg(128, 64, 16, 4, 4),
-        _cfg(128, 32, 32, 4, 3),
-        _cfg(128, 32, 16, 4, 4),
-        _cfg(128, 16, 32, 4, 3),
-        _cfg(64, 64, 32, 4, 3),
-        _cfg(64, 64, 16, 4, 4),
-        _cfg(64, 32, 32, 4, 2),
-        _cfg(64, 16, 16, 4, 2),
-        _cfg(128, 64, 32, 8, 4),
-    ]
+    # Short lists: autotuning compiles and times every entry once per key. Each list ends with a 16-wide tile, which
+    # the channel pruner keeps for 16 channels. Every entry compiles without spills for C = 16–64, 3×3 and 1×1, with
+    # and without the epilogue (ptxas, sm_90), except where noted in bench/NOTES.md.
+    _FWD_BY_PRECISION = {
+        "tf32": [
+            _cfg(128, 64, 32, 8, 3),
+            _cfg(128, 64, 16, 4, 4),
+            _cfg(128, 32, 32, 4, 3),
+            _cfg(128, 32, 16, 4, 4),
+            _cfg(128, 16, 32, 4, 3),
+            _cfg(64, 64, 32, 4, 3),
+            _cfg(64, 64, 16, 4, 4),
+            _cfg(64, 32, 32, 4, 2),
+            _cfg(128, 64, 32, 8, 4),
+            _cfg(64, 16, 16, 4, 2),
+        ],
+        "tf32x3": [
+            _cfg(128, 64, 32, 8, 3),
+            _cfg(64, 64, 32, 4, 3),
+            _cfg(64, 32, 32, 4, 2),
+            _cfg(64, 16, 16, 4, 2),
+        ],
+        # FMA: at most 16 accumulators per thread and BLOCK_K = 16.
+        "ieee": [
+            _cfg(128, 32, 16, 8, 2),
+            _cfg(64, 64, 16, 8, 2),
+            _cfg(64, 32, 16, 4, 2),
+            _cfg(32, 64, 16, 4, 2),
+            _cfg(128, 16, 16, 8, 2),
+            _cfg(64, 16, 16, 8, 2),
+        ],
+    }
     _DW_CONFIGS = [
         triton.Config({"BLOCK_CO": bco, "BLOCK_CI": bci}, num_warps=w, num_stages=s)
-        for (bco, bci, w, s) in [(64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2),
+        # (32, 64) at 4 warps spilled in tf32 for 1×1 at 64 channels; at 8 it does not.
+        for (bco, bci, w, s) in [(64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3), (32, 64, 8, 3), (32, 32, 4, 2),
                                  (16, 32, 4, 3), (32, 16, 4, 3), (16, 16, 4, 2), (64, 64, 4, 4)]
     ]
+
+_FWD_CONFIGS = [c for configs in _FWD_BY_PRECISION.values() for c in configs]
 
 
 def _pow2_at_least_16(n):
     return max(16, triton.next_power_of_2(int(n)))
 
 
+def _precision_configs(configs, input_precision):
+    """The entries of ``configs`` (the autotuner's list, i.e. the same objects) that belong to the precision."""
+    own = _FWD_BY_PRECISION.get(input_precision, _FWD_BY_PRECISION["tf32"])
+    return [c for c in configs if any(c is o for o in own)] or own
+
+
 def _prune_fwd(configs, named_args, **kwargs):
+    configs = _precision_configs(configs, kwargs.get("INPUT_PRECISION", "tf32"))
     # Tiles wider than the (power-of-two rounded) channel count only load masked zeros.
     kmax, nmax = _pow2_at_least_16(named_args["Ci"]), _pow2_at_least_16(named_args["Co"])
     kept = [c for c in configs if c.kwargs["BLOCK_K"] <= kmax and c.kwargs["BLOCK_N"] <= nmax]
@@ -120,7 +157,11 @@ def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["NB", "H", "W", "Ci", "Co", "sx_c", "KH", "HAS_LORA", "R_PAD"],
+# The precision and the epilogue switches are keys: they change the code (FMA vs MMA, extra loads and stores), so a
+# config timed for one must not be reused for another.
+@triton.autotune(configs=_FWD_CONFIGS,
+                 key=["NB", "H", "W", "Ci", "Co", "sx_c", "KH", "HAS_LORA", "R_PAD", "INPUT_PRECISION", "HAS_BIAS",
+                      "RELU", "HAS_RES", "WRITE_MASK"],
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _lora_conv_fwd_kernel(
@@ -234,7 +275,8 @@ def _lora_conv_fwd_kernel(
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
-@triton.autotune(configs=_DW_CONFIGS, key=["NB", "H", "W", "Ci", "Co", "sx_c", "sd_c", "KH", "CHUNK_M"],
+@triton.autotune(configs=_DW_CONFIGS,
+                 key=["NB", "H", "W", "Ci", "Co", "sx_c", "sd_c", "KH", "CHUNK_M", "INPUT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_dw})
 @triton.jit
 def _conv_dw_kernel(

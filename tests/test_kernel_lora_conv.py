@@ -307,6 +307,19 @@ def test_weight_gradient_is_deterministic():
         assert torch.equal(runs[0][name], runs[1][name]), f"d{name} differs between two identical runs"
 
 
+def test_tuning_keys_separate_precisions_and_epilogues():
+    """A config timed for one dot precision or epilogue is not reused for another: they change the generated code
+    (FMA vs MMA loops, extra loads and stores), and tf32-sized tiles spill in ieee."""
+    fwd_keys = set(lc._lora_conv_fwd_kernel.keys)
+    assert {"INPUT_PRECISION", "HAS_BIAS", "RELU", "HAS_RES", "WRITE_MASK", "HAS_LORA"} <= fwd_keys
+    assert "INPUT_PRECISION" in set(lc._conv_dw_kernel.keys)
+    # The pruner hands each precision its own list (one shared entry in the interpreter).
+    named = {"Ci": 64, "Co": 64}
+    for prec, own in lc._FWD_BY_PRECISION.items():
+        kept = lc._prune_fwd(lc._FWD_CONFIGS, named, INPUT_PRECISION=prec)
+        assert kept and all(any(c is o for o in own) for c in kept), prec
+
+
 def test_autograd_function_matches_custom_op():
     case = make_case(2, 16, 16, 3, 4, 8, 8, residual=True, seed=17)
 
