@@ -7,15 +7,18 @@ Three operators, with the layouts and semantics of ``lorun_fast.reference.operat
   unfold/fold copies); the n tail (1089 → 1152) and the pixels outside the image are masked (read as 0, never
   written). The GEMM "M" dimension is a tile of BLOCK_M blocks. Two exact algorithms:
 
-  - ``"two_gemm"``: ``r_b = x_b Φᵀ − y_b`` (K = n) kept on chip, then ``z_b = x_b − ρ·r_b Φ``: 4·n·m FLOPs per
-    block. The m-vector is held as one or two power-of-two register tiles (m = 272 → 256 + 16, no padding waste).
-    Optional ``SPLIT_N``: several programs per block tile each recompute r and write a slice of z (more programs
-    for small batches, at the price of recomputing the first GEMM).
+  - ``"two_gemm"``: ``r_b = x_b Φᵀ − y_b`` (K = n), then ``z_b = x_b − ρ·r_b Φ`` (K = m): 4·n·m FLOPs per block,
+    as two plain tiled GEMM launches with r (fp32, m floats per block: 1.1 MB at 256², batch 16, m = 272) passing
+    through memory, mostly L2. Holding r on chip instead makes it the second GEMM's A operand whole: every warp
+    then needs its rows × all m columns in registers (136 per thread at 16 rows, m = 272), which spilled in
+    almost every tile config at m = 272 and left only 64-row tiles, i.e. 16 programs at batch 16 (ptxas, sm_90;
+    bench/compile_report.py). At small batches the first GEMM's pixel reduction is split into ranges whose
+    partial sums the second kernel adds in a fixed order (``_cs_ksplit``): more programs, still deterministic.
   - ``"one_gemm"``: ``z_b = x_b − ρ·([x_b, −y_b] @ [G; Φ])`` with the cached Gram matrix ``G = ΦᵀΦ`` (n × n):
     one GEMM with K = n + m per output tile, 2·n·(n + m) FLOPs per block, fully parallel over (blocks, n).
 
-  ``"auto"`` picks ``two_gemm`` when m < n/2 (fewer FLOPs, and r ≤ 544 floats per block fits in registers),
-  else ``one_gemm``. The padded Φ, Φᵀ and G are cached per Φ (keyed on data_ptr, version, device, dtype).
+  ``"auto"`` picks ``two_gemm`` when m < n/2 (fewer FLOPs), else ``one_gemm``. The padded Φ, Φᵀ and G are cached
+  per Φ (keyed on data_ptr, version, device, dtype).
 
 * **CASSI** (``CASSI``): x (N, Λ, H, W), mask (H, W), y (N, H, W + d(Λ−1)). One launch; each program owns
   BLOCK_H whole image rows: phase 1 forms the rows' residual ``r[w'] = Σ_λ mask[w'−dλ]·x_λ[w'−dλ] − y[w']`` and
@@ -53,8 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lorun_fast.kernels.settings import (INPUT_PRECISIONS, check_runnable, dot_precision, full_tuning,
-                                         interpreting)
+from lorun_fast.kernels.settings import (INPUT_PRECISIONS, check_runnable, device_limits, dot_precision,
+                                         full_tuning, interpreting)
 
 __all__ = [
     "gd_step_cs",
@@ -97,9 +100,12 @@ def _poison(t: torch.Tensor) -> torch.Tensor:
 # Tuning configurations
 # --------------------------------------------------------------------------------------------------------------------
 
-def _cs2_cfg(bm, bk, bn, split, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "SPLIT_N": split}, num_warps=warps,
-                         num_stages=stages)
+def _csr_cfg(bm, bp, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_P": bp, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+def _csz_cfg(bm, bn, bq, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_Q": bq}, num_warps=warps, num_stages=stages)
 
 
 def _cs1_cfg(bm, bn, bk, warps, stages):
@@ -116,45 +122,56 @@ _TUNE = full_tuning()
 
 if _INTERPRET:
     # One config each (autotuning in the interpreter would run every config), with large tiles: the interpreter's
-    # cost is per operation, not per element. SPLIT_N = 2 with BLOCK_N = 128 over n = 1152 gives the second split an
-    # overrunning chunk, so the n-range masks are exercised; a batch of > 32 blocks exercises the block-tail masks;
-    # small BLOCK_H / BLOCK_W make the test images span several row tiles and chunks.
-    _CS2_CONFIGS = [_cs2_cfg(32, 128, 128, 2, 4, 1)]
+    # cost is per operation, not per element. BLOCK_P = 128 leaves a masked measurement tail for every test m but
+    # 128·k; a batch of > 32 blocks exercises the block-tail masks; small BLOCK_H / BLOCK_W make the test images span
+    # several row tiles and chunks.
+    _CSR_CONFIGS = [_csr_cfg(32, 128, 128, 4, 1)]
+    _CSZ_CONFIGS = [_csz_cfg(32, 128, 64, 4, 1)]
     _CS1_CONFIGS = [_cs1_cfg(32, 128, 128, 4, 1)]
     _CASSI_CONFIGS = [_row_cfg(4, 64, 4)]
     _SR_CONFIGS = [_row_cfg(4, 32, 4)]
 elif not _TUNE:
     # The CS entries come from the full lists below, the smallest footprint last (the pruners' fallback); the row
     # kernels' 8-warp entry has BLOCK_W = 64, which the width pruner always keeps.
-    _CS2_CONFIGS = [_cs2_cfg(16, 32, 32, 2, 8, 3), _cs2_cfg(16, 16, 16, 1, 4, 1)]
+    _CSR_CONFIGS = [_csr_cfg(64, 64, 64, 8, 3), _csr_cfg(16, 16, 32, 4, 3)]
+    _CSZ_CONFIGS = [_csz_cfg(64, 128, 32, 8, 3), _csz_cfg(16, 32, 32, 4, 3)]
     _CS1_CONFIGS = [_cs1_cfg(64, 128, 32, 8, 3), _cs1_cfg(16, 64, 32, 4, 2)]
     _CASSI_CONFIGS = [_row_cfg(1, 256, 4), _row_cfg(4, 64, 8)]
     _SR_CONFIGS = [_row_cfg(1, 128, 4), _row_cfg(4, 64, 8)]
 else:
-    # Short lists: autotuning compiles and times every entry once per key. The last entry of the CS lists is the
-    # smallest footprint, kept by the pruners when nothing else fits (very large m with algorithm="two_gemm").
-    # Register budget (ptxas, sm_90, triton 3.9): the second GEMM takes the residual r from registers as its A
-    # operand, and every warp holds its rows × all m columns of it (16 × 272 / 32 lanes = 136 registers), so these
-    # configs run at ~255 registers with 0–600 bytes of (L1-resident) spill for m = 272; 8 warps and ≥ 2 stages
-    # (Φ tiles staged by cp.async, not through registers) spill least. The pruner drops what cannot fit.
-    _CS2_CONFIGS = [
-        _cs2_cfg(16, 32, 32, 1, 8, 3),
-        _cs2_cfg(16, 32, 32, 2, 8, 3),
-        _cs2_cfg(16, 32, 32, 4, 8, 3),
-        _cs2_cfg(16, 32, 64, 2, 4, 3),
-        _cs2_cfg(32, 32, 32, 1, 8, 3),
-        _cs2_cfg(32, 32, 32, 2, 8, 3),
-        _cs2_cfg(64, 32, 32, 1, 8, 2),
-        _cs2_cfg(64, 32, 64, 1, 8, 2),
-        _cs2_cfg(32, 64, 32, 1, 8, 2),
-        _cs2_cfg(16, 16, 16, 1, 4, 1),
+    # Short lists: autotuning compiles and times every entry once per key. The last entry of each CS list is the
+    # smallest footprint, the pruners' fallback. The two-GEMM kernels are plain tiled GEMMs (the residual goes
+    # through memory between them), so their footprints do not depend on m: every entry compiles without spills in
+    # tf32 and bf16 (ptxas, sm_90 and sm_80; tiles under 64 rows take BLOCK_K = 32 because at 64 ptxas spills a few
+    # bytes in tf32 for some m, and 64-row tiles 8 warps because at 4 they run at 240–255 registers).
+    _CSR_CONFIGS = [
+        _csr_cfg(64, 64, 64, 8, 3),
+        _csr_cfg(64, 32, 64, 8, 3),
+        _csr_cfg(32, 64, 32, 4, 3),
+        _csr_cfg(32, 32, 32, 4, 3),
+        _csr_cfg(32, 16, 32, 4, 3),
+        _csr_cfg(16, 64, 32, 4, 3),
+        _csr_cfg(16, 32, 32, 4, 3),
+        _csr_cfg(16, 16, 32, 4, 3),
+    ]
+    # The second kernel's shared memory grows with KSPLIT (the partial sums are pipelined tiles too); its pruner
+    # drops what does not fit (_cs_update_smem).
+    _CSZ_CONFIGS = [
+        _csz_cfg(64, 128, 32, 8, 3),
+        _csz_cfg(64, 64, 32, 8, 3),
+        _csz_cfg(64, 128, 16, 8, 3),
+        _csz_cfg(128, 64, 32, 8, 3),
+        _csz_cfg(32, 128, 32, 8, 3),
+        _csz_cfg(32, 64, 32, 4, 3),
+        _csz_cfg(16, 128, 32, 4, 3),
+        _csz_cfg(16, 32, 32, 4, 3),
     ]
     # At most 32 accumulators per thread and BLOCK_K = 32 at BLOCK_M ≥ 32: the block-gather epilogue (x load, z store,
-    # masks) and the gathered x tiles need the rest of the registers (ptxas, sm_90: these spill ≤ 24 bytes).
+    # masks) and the gathered x tiles need the rest of the registers (ptxas, sm_90: none of these spills in tf32 or
+    # bf16; a 128 × 64 tile at 8 warps did, in tf32).
     _CS1_CONFIGS = [
         _cs1_cfg(64, 64, 32, 4, 3),
         _cs1_cfg(64, 128, 32, 8, 3),
-        _cs1_cfg(128, 64, 32, 8, 3),
         _cs1_cfg(32, 128, 32, 4, 3),
         _cs1_cfg(32, 64, 32, 4, 3),
         _cs1_cfg(16, 128, 64, 4, 3),
@@ -172,30 +189,54 @@ def _args(named_args, kwargs):
     return {**named_args, **kwargs}
 
 
-def _prune_cs2(configs, named_args, **kwargs):
+def _block_rows_max(nblk):
+    # Tiles much taller than the number of blocks only compute masked rows.
+    return max(16, triton.next_power_of_2(int(nblk)))
+
+
+def _prune_csr(configs, named_args, **kwargs):
     a = _args(named_args, kwargs)
-    mp = a["P1"] + (a["P2"] if a["HAS2"] else 0)
-    esize = 2 if a["phi_ptr"].dtype in (torch.bfloat16, torch.float16) else 4
-    kept = []
-    for c in configs:
-        bm, bk, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"]
-        # Shared memory: the pipelined Φᵀ (first GEMM) or Φ (second GEMM) tiles, whichever is larger (the loops do
-        # not overlap), plus the fp32 residual's trip through shared memory into the dot-operand layout. Matches
-        # ptxas on sm_90 within ~5% for BLOCK_M ≤ 32 (it underestimates BLOCK_M = 64); configs that still do not
-        # fit fail with OutOfResources, which the autotuner skips. The last config always fits (m ≤ 1089).
-        smem = esize * max(1, c.num_stages - 1) * max(bk, bn) * mp + 4 * bm * mp
-        if smem <= 224 * 1024:
-            kept.append(c)
-    if not a["WRITE_Z"]:
-        # Without z there is nothing to split.
-        kept = [c for c in kept if c.kwargs["SPLIT_N"] == 1]
+    m = int(a["M"])
+    bm_max = _block_rows_max(a["NBLK"])
+    # The measurement tiles cover ⌈m / BLOCK_P⌉·BLOCK_P columns: keep the widths that waste at most 32 columns
+    # beyond the 16-aligned minimum (m = 272: 16 and 32 wide, not 64 = 320 or 128 = 384).
+    least = -(-m // 16) * 16
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= bm_max
+            and -(-m // c.kwargs["BLOCK_P"]) * c.kwargs["BLOCK_P"] <= least + 32]
+    return kept or configs[-1:]
+
+
+def _cs_update_smem(c, ksplit: int, esize: int, write_z: bool, capability) -> int:
+    """Shared memory of ``_cs_update_kernel`` in bytes, as Triton allocates it (checked against every compiled
+    config by bench/compile_report.py and its test): the K loop's loads are software-pipelined with num_stages − 1
+    buffers each — KSPLIT fp32 partial-sum tiles (BLOCK_M × BLOCK_Q) and the Φ tile (BLOCK_Q × BLOCK_N) — and a
+    wgmma B operand (sm_90, 64-row tiles) holds one buffer more. The epilogue needs no shared memory of its own.
+    Exact with ``write_z``; without it only the per-block pass runs, unpipelined (inside a branch), and the figure
+    is an upper bound (the actual need is a reduction scratch of a few KB)."""
+    bm, bn, bq = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_Q"]
+    bufs = max(1, c.num_stages - 1)
+    wgmma = capability[0] == 9 and bm >= 64 and c.num_warps % 4 == 0
+    parts = bufs * ksplit * bm * bq * 4
+    phi = (bufs + (1 if wgmma else 0)) * bq * bn * esize if write_z else 0
+    return parts + phi
+
+
+def _prune_csz(configs, named_args, **kwargs):
+    a = _args(named_args, kwargs)
+    bm_max = _block_rows_max(a["NBLK"])
+    capability, smem_limit = device_limits(a["x_ptr"].device)
+    esize = a["phi_ptr"].element_size()
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= bm_max
+            and _cs_update_smem(c, a["KSPLIT"], esize, a["WRITE_Z"], capability) <= smem_limit]
+    if not a["WRITE_Z"] and kept:
+        # Only the residual pass over the measurements: the pixel tile is unused, one width is enough.
+        kept = [c for c in kept if c.kwargs["BLOCK_N"] == kept[-1].kwargs["BLOCK_N"]]
     return kept or configs[-1:]
 
 
 def _prune_cs1(configs, named_args, **kwargs):
     a = _args(named_args, kwargs)
-    # Tiles much taller than the number of blocks only compute masked rows.
-    bm_max = max(16, triton.next_power_of_2(int(a["NBLK"])))
+    bm_max = _block_rows_max(a["NBLK"])
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= bm_max]
     return kept or configs[-1:]
 
@@ -249,126 +290,153 @@ def _cs_pixels(k, W, BS: tl.constexpr):
     return ki, kj, ki * W + kj
 
 
-@triton.autotune(configs=_CS2_CONFIGS,
-                 key=["NBLK", "M", "P1", "P2", "HAS2", "HAS_Y", "WRITE_Z", "WRITE_R", "PARTIAL", "INPUT_PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_cs2})
+@triton.autotune(configs=_CSR_CONFIGS, key=["NBLK", "M", "PS", "KSPLIT", "HAS_Y", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_csr})
 @triton.jit
-def _cs_two_gemm_kernel(
-    x_ptr, y_ptr, phi_ptr, phit_ptr, rho_ptr, z_ptr, r_ptr, rs_ptr, part_ptr,
-    NBLK, H, W, HB, WB, M,
-    BS: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr,
-    P1: tl.constexpr, P2: tl.constexpr, HAS2: tl.constexpr,
-    HAS_Y: tl.constexpr, WRITE_Z: tl.constexpr, WRITE_R: tl.constexpr, PARTIAL: tl.constexpr,
+def _cs_residual_kernel(
+    x_ptr, y_ptr, phit_ptr, part_ptr,
+    NBLK, H, W, HB, WB, M, PS,
+    BS: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, KSPLIT: tl.constexpr,
+    HAS_Y: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Block-CS GD step through Φ twice: ``r = x_b Φᵀ − y_b`` on chip, then ``z_b = x_b − ρ·r Φ``.
+    """First GEMM of the two-GEMM CS step: ``part[s] = x_b Φᵀ`` over the s-th of KSPLIT pixel ranges, minus y in
+    range 0, so that ``r = A x − y = Σ_s part[s]`` (summed in order s = 0, 1, … by the consumer).
 
-    Grid: (⌈NBLK / BLOCK_M⌉, SPLIT_N if WRITE_Z else 1). Program (i, j) owns blocks [i·BLOCK_M, (i+1)·BLOCK_M)
-    (block index = (plane·HB + bh)·WB + bw, plane = n·C + c), computes their whole residual r (BLOCK_M × m, fp32,
-    in registers as a P1-wide and an optional P2-wide tile), and writes z for the j-th of SPLIT_N slices of the
-    n pixels of each block. Only j = 0 writes r and the partial sums.
+    Grid: (⌈NBLK / BLOCK_M⌉, ⌈M / BLOCK_P⌉, KSPLIT). Program (i, j, s) owns blocks [i·BLOCK_M, (i+1)·BLOCK_M),
+    measurements [j·BLOCK_P, (j+1)·BLOCK_P) and pixels [s·NP/KSPLIT, (s+1)·NP/KSPLIT) (block index =
+    (plane·HB + bh)·WB + bw, plane = n·C + c). Every element of ``part`` (in-range blocks and measurements) is written
+    by exactly one program, each a fixed-order K loop: no atomics, the result does not depend on scheduling.
 
     Args:
         x_ptr: image (N·C planes of H × W), contiguous; pixels of a block beyond H or W read as zero.
         y_ptr: measurements (NBLK, M), contiguous (the (N, C, HB, WB, M) layout). Ignored unless ``HAS_Y``.
-        phi_ptr: Φ zero-padded to (MP, NP), contiguous, in the compute dtype (x's dtype).
-        phit_ptr: Φᵀ zero-padded to (NP, MP), contiguous, same dtype.
-        rho_ptr: the step ρ, one element of any float dtype (read as fp32; a pointer, so no host sync).
-        z_ptr: output image, contiguous like x; only pixels inside the image are written. Ignored unless
-            ``WRITE_Z``.
-        r_ptr: fp32 (NBLK, M) contiguous: the residual ``x_b Φᵀ − y_b``. Written only if ``WRITE_R``.
-        rs_ptr: fp32 (NBLK, M) contiguous: a saved residual. Read only if ``PARTIAL``.
-        part_ptr: fp32 (NBLK,): ``part[b] = Σ_p r[b, p]·rs[b, p]``. Written only if ``PARTIAL``.
+        phit_ptr: Φᵀ zero-padded to (NP, MP), contiguous, in the compute dtype (x's dtype).
+        part_ptr: fp32 (KSPLIT, NBLK, PS) with row stride PS ≥ M; with KSPLIT = 1 and PS = M this is r itself.
         NBLK: number of blocks N·C·HB·WB; H, W: image size (H·W < 2³¹: in-plane offsets are int32);
         HB, WB: blocks per column / row; M: measurements per block (rows of Φ).
+        PS: row stride of ``part`` (a multiple of 16 for scratch buffers: aligned rows let the consumer's KSPLIT
+            loads per element vectorise instead of each needing its own address registers).
         BS: block side (33); the block's pixel k is (k // BS, k % BS), row-major as in the reference.
-        NP: n = BS² rounded up to a multiple of 128 (the padded width of Φ).
-        MP: padded height of Φ, P1 + P2 (or P1).
-        P1, P2, HAS2: the residual is held as columns [0, P1) and, if HAS2, [P1, P1 + P2) (powers of two ≥ 16).
+        NP: n = BS² rounded up to a multiple of 128; MP: m rounded up to a multiple of 128 (Φᵀ's padded width).
+        KSPLIT: pixel ranges the reduction is split into (divides NP / 128, so every range is whole 128-chunks).
         HAS_Y: subtract y (false for the backward, which applies the step to G with y = 0).
-        WRITE_Z, WRITE_R, PARTIAL: which outputs to produce.
         INPUT_PRECISION: tl.dot precision for float32 operands ("ieee", "tf32", "tf32x3").
         UPCAST: multiply in float32 (interpreter + bfloat16 only, see ``_mma``).
-        BLOCK_M: blocks per program (the GEMM M dimension); BLOCK_K: pixel chunk of the first GEMM;
-        BLOCK_N: pixel chunk of the second GEMM; SPLIT_N: programs sharing one block tile's z.
+        BLOCK_M: blocks per program; BLOCK_P: measurements per program; BLOCK_K: pixel chunk of the K loop.
     """
     pid = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_p = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_b, b_ok, plane_off, blk_off, rows_in, cols_in = _cs_blocks(pid, NBLK, H, W, HB, WB, BS, BLOCK_M)
-    # Addresses: an int64 plane base per block (1-D) plus int32 in-plane offsets (2-D); keeping the 2-D part 32-bit
-    # and shared by the x load and the z store is what keeps the tile's address registers affordable.
+    # Addresses: an int64 plane base per block (1-D) plus int32 in-plane offsets (2-D).
     x_blk = x_ptr + plane_off
-    offs_p1 = tl.arange(0, P1)
-    offs_p2 = P1 + tl.arange(0, P2)
-
-    # ---- first GEMM: r = x_b Φᵀ (K = pixels of the block) ----
-    r1 = tl.full((BLOCK_M, P1), 0.0, tl.float32)
-    r2 = tl.full((BLOCK_M, P2), 0.0, tl.float32)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < M
     offs_k = tl.arange(0, BLOCK_K)
-    for k0 in range(0, NP, BLOCK_K):
+
+    acc = tl.full((BLOCK_M, BLOCK_P), 0.0, tl.float32)
+    for k0 in range(pid_s * (NP // KSPLIT), (pid_s + 1) * (NP // KSPLIT), BLOCK_K):
         k = k0 + offs_k
         ki, kj, k_off = _cs_pixels(k, W, BS)
         # Rows beyond the block (k ≥ BS², the pad to NP) or the image, columns beyond the image: zero padding.
         ok = (ki[None, :] < rows_in[:, None]) & (kj[None, :] < cols_in[:, None])
         xt = tl.load(x_blk[:, None] + (blk_off[:, None] + k_off[None, :]), mask=ok, other=0.0)
-        pt1 = tl.load(phit_ptr + k[:, None] * MP + offs_p1[None, :])
-        r1 = _mma(xt, pt1, r1, INPUT_PRECISION, UPCAST)
-        if HAS2:
-            pt2 = tl.load(phit_ptr + k[:, None] * MP + offs_p2[None, :])
-            r2 = _mma(xt, pt2, r2, INPUT_PRECISION, UPCAST)
+        # Φᵀ is padded to MP ≥ ⌈M / BLOCK_P⌉·BLOCK_P columns: no mask.
+        pt = tl.load(phit_ptr + k[:, None] * MP + offs_p[None, :])
+        acc = _mma(xt, pt, acc, INPUT_PRECISION, UPCAST)
 
-    # Per-block rows of y, r and rs: (NBLK, M) contiguous.
     m_row = offs_b.to(tl.int64) * M
+    out_ok = b_ok[:, None] & p_ok[None, :]
     if HAS_Y:
-        y1 = tl.load(y_ptr + m_row[:, None] + offs_p1[None, :], mask=b_ok[:, None] & (offs_p1 < M)[None, :],
-                     other=0.0)
-        r1 = r1 - y1.to(tl.float32)
-        if HAS2:
-            y2 = tl.load(y_ptr + m_row[:, None] + offs_p2[None, :], mask=b_ok[:, None] & (offs_p2 < M)[None, :],
-                         other=0.0)
-            r2 = r2 - y2.to(tl.float32)
+        # y goes into range 0 only. A vector condition, not a scalar: the interpreter turns `bool tensor & bool
+        # scalar` into int32, which it then rejects as a mask.
+        first = (offs_p * 0 + pid_s) == 0
+        yv = tl.load(y_ptr + m_row[:, None] + offs_p[None, :], mask=out_ok & first[None, :], other=0.0)
+        acc = acc - yv.to(tl.float32)
+    part_row = (pid_s * NBLK + offs_b).to(tl.int64) * PS
+    tl.store(part_ptr + part_row[:, None] + offs_p[None, :], acc, mask=out_ok)
 
-    # Only the first split writes the per-block outputs (the others computed the same r). A vector, not a scalar:
-    # the interpreter turns `bool tensor & bool scalar` into int32, which it then rejects as a mask.
-    first = (offs_b * 0 + pid_n) == 0
-    ok1 = (b_ok & first)[:, None] & (offs_p1 < M)[None, :]
-    ok2 = (b_ok & first)[:, None] & (offs_p2 < M)[None, :]
-    if WRITE_R:
-        tl.store(r_ptr + m_row[:, None] + offs_p1[None, :], r1, mask=ok1)
-        if HAS2:
-            tl.store(r_ptr + m_row[:, None] + offs_p2[None, :], r2, mask=ok2)
-    if PARTIAL:
-        rs1 = tl.load(rs_ptr + m_row[:, None] + offs_p1[None, :], mask=ok1, other=0.0)
-        dot = tl.sum(r1 * rs1, axis=1)
-        if HAS2:
-            rs2 = tl.load(rs_ptr + m_row[:, None] + offs_p2[None, :], mask=ok2, other=0.0)
-            dot += tl.sum(r2 * rs2, axis=1)
-        tl.store(part_ptr + offs_b, dot, mask=b_ok & first)
 
-    # ---- second GEMM and epilogue: z_b = x_b − ρ·r Φ, over this program's slice of pixels ----
+@triton.autotune(configs=_CSZ_CONFIGS,
+                 key=["NBLK", "M", "PS", "KSPLIT", "WRITE_Z", "WRITE_R", "PARTIAL", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_csz})
+@triton.jit
+def _cs_update_kernel(
+    x_ptr, part_ptr, phi_ptr, rho_ptr, z_ptr, r_ptr, rs_ptr, dot_ptr,
+    NBLK, H, W, HB, WB, M, PS,
+    BS: tl.constexpr, NP: tl.constexpr, KSPLIT: tl.constexpr,
+    WRITE_Z: tl.constexpr, WRITE_R: tl.constexpr, PARTIAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    """Second GEMM of the two-GEMM CS step: ``z_b = x_b − ρ·r Φ`` with ``r = Σ_s part[s]`` (s in order).
+
+    Grid: (⌈NBLK / BLOCK_M⌉, NP / BLOCK_N if WRITE_Z else 1). Program (i, j) owns blocks [i·BLOCK_M, (i+1)·BLOCK_M)
+    and block pixels [j·BLOCK_N, (j+1)·BLOCK_N); its K loop walks the measurements in BLOCK_Q chunks, forming each
+    chunk of r from the partial sums (fixed order) as the GEMM's A operand, so r never has to fit in registers
+    whole. Programs with j = 0 first make a separate pass over r that writes it (``WRITE_R``) and the per-block
+    ``Σ_p r·rs`` (``PARTIAL``): kept out of the GEMM loop, those stores and loads cost it no registers.
+
+    Args:
+        x_ptr: image, contiguous like x of ``_cs_residual_kernel``. Read only if ``WRITE_Z``.
+        part_ptr: fp32 (KSPLIT, NBLK, PS) with row stride PS, from ``_cs_residual_kernel``.
+        phi_ptr: Φ zero-padded to (MP, NP), contiguous, in the compute dtype (MP ≥ ⌈M / BLOCK_Q⌉·BLOCK_Q).
+        rho_ptr: the step ρ, one element of any float dtype (read as fp32; a pointer, so no host sync).
+        z_ptr: output image, contiguous like x; only pixels inside the image are written. Ignored unless
+            ``WRITE_Z``.
+        r_ptr: fp32 (NBLK, M) contiguous: r. Written only if ``WRITE_R``.
+        rs_ptr: fp32 (NBLK, M) contiguous: a saved residual. Read only if ``PARTIAL``.
+        dot_ptr: fp32 (NBLK,): ``dot[b] = Σ_p r[b, p]·rs[b, p]``. Written only if ``PARTIAL``.
+        NBLK, H, W, HB, WB, M, PS, BS, NP: as in ``_cs_residual_kernel``; KSPLIT: number of partial sums.
+        WRITE_Z, WRITE_R, PARTIAL: which outputs to produce.
+        INPUT_PRECISION, UPCAST: as in ``_mma``.
+        BLOCK_M: blocks per program; BLOCK_N: block pixels per program; BLOCK_Q: measurement chunk of the K loop.
+    """
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_b, b_ok, plane_off, blk_off, rows_in, cols_in = _cs_blocks(pid, NBLK, H, W, HB, WB, BS, BLOCK_M)
+    offs_q = tl.arange(0, BLOCK_Q)
+
+    if WRITE_R or PARTIAL:
+        if pid_n == 0:
+            m_row = offs_b.to(tl.int64) * M
+            dot = tl.full((BLOCK_M,), 0.0, tl.float32)
+            for q0 in range(0, M, BLOCK_Q):
+                q = q0 + offs_q
+                q_ok = b_ok[:, None] & (q < M)[None, :]
+                rq = tl.full((BLOCK_M, BLOCK_Q), 0.0, tl.float32)
+                for s in tl.static_range(KSPLIT):
+                    p_row = (s * NBLK + offs_b).to(tl.int64) * PS
+                    rq += tl.load(part_ptr + p_row[:, None] + q[None, :], mask=q_ok, other=0.0)
+                if WRITE_R:
+                    tl.store(r_ptr + m_row[:, None] + q[None, :], rq, mask=q_ok)
+                if PARTIAL:
+                    rs = tl.load(rs_ptr + m_row[:, None] + q[None, :], mask=q_ok, other=0.0)
+                    dot += tl.sum(rq * rs, axis=1)
+            if PARTIAL:
+                tl.store(dot_ptr + offs_b, dot, mask=b_ok)
+
     if WRITE_Z:
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for q0 in range(0, M, BLOCK_Q):
+            q = q0 + offs_q
+            q_ok = b_ok[:, None] & (q < M)[None, :]
+            rq = tl.full((BLOCK_M, BLOCK_Q), 0.0, tl.float32)
+            for s in tl.static_range(KSPLIT):
+                p_row = (s * NBLK + offs_b).to(tl.int64) * PS
+                rq += tl.load(part_ptr + p_row[:, None] + q[None, :], mask=q_ok, other=0.0)
+            ph = tl.load(phi_ptr + q[:, None] * NP + n[None, :])
+            acc = _mma(rq.to(phi_ptr.dtype.element_ty), ph, acc, INPUT_PRECISION, UPCAST)
         rho = tl.load(rho_ptr).to(tl.float32)
-        a1 = r1.to(phi_ptr.dtype.element_ty)
-        a2 = r2.to(phi_ptr.dtype.element_ty)
-        z_blk = z_ptr + plane_off
-        n_chunks = (NP // BLOCK_N + SPLIT_N - 1) // SPLIT_N  # constexpr arithmetic
-        offs_n = tl.arange(0, BLOCK_N)
-        for c in range(0, n_chunks):
-            n = (pid_n * n_chunks + c) * BLOCK_N + offs_n
-            n_ok = n < NP  # the last split may overrun NP
-            ni, nj, n_off = _cs_pixels(n, W, BS)
-            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-            ph1 = tl.load(phi_ptr + offs_p1[:, None] * NP + n[None, :], mask=n_ok[None, :], other=0.0)
-            acc = _mma(a1, ph1, acc, INPUT_PRECISION, UPCAST)
-            if HAS2:
-                ph2 = tl.load(phi_ptr + offs_p2[:, None] * NP + n[None, :], mask=n_ok[None, :], other=0.0)
-                acc = _mma(a2, ph2, acc, INPUT_PRECISION, UPCAST)
-            ok = (ni[None, :] < rows_in[:, None]) & (nj[None, :] < cols_in[:, None])
-            off = blk_off[:, None] + n_off[None, :]
-            xt = tl.load(x_blk[:, None] + off, mask=ok, other=0.0)
-            z = xt.to(tl.float32) - rho * acc
-            tl.store(z_blk[:, None] + off, z.to(z_ptr.dtype.element_ty), mask=ok)
+        ni, nj, n_off = _cs_pixels(n, W, BS)
+        ok = (ni[None, :] < rows_in[:, None]) & (nj[None, :] < cols_in[:, None])
+        off = blk_off[:, None] + n_off[None, :]
+        xt = tl.load((x_ptr + plane_off)[:, None] + off, mask=ok, other=0.0)
+        z = xt.to(tl.float32) - rho * acc
+        tl.store((z_ptr + plane_off)[:, None] + off, z.to(z_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.autotune(configs=_CS1_CONFIGS, key=["NBLK", "M", "HAS_Y", "INPUT_PRECISION"],
@@ -395,7 +463,7 @@ def _cs_one_gemm_kernel(
             exact, and the interpreter cannot negate bfloat16 tiles, whose raw bits it operates on).
         rho_ptr: the step ρ, one element (read as fp32).
         z_ptr: output image, contiguous like x; only pixels inside the image are written.
-        NBLK, H, W, HB, WB, M: as in ``_cs_two_gemm_kernel``.
+        NBLK, H, W, HB, WB, M: as in ``_cs_residual_kernel``.
         BS: block side; NP: padded n (a multiple of 128, so of BLOCK_N and BLOCK_K).
         HAS_Y: include the ``− y_b Φ`` term (false in the backward).
         INPUT_PRECISION, UPCAST: as in ``_mma``.
@@ -686,8 +754,8 @@ class _CSPrepared:
         m, n = phi.shape
         self.m, self.n, self.block_size = m, n, block_size
         self.np_ = triton.cdiv(n, 128) * 128
-        self.p1, self.p2, self.has2 = _split_measurements(m)
-        self.mp = self.p1 + (self.p2 if self.has2 else 0)
+        # Padded to whole 128s in both directions, so that no tile width of the kernels needs a mask on Φ.
+        self.mp = triton.cdiv(m, 128) * 128
         phi_c = phi.detach().to(dtype)  # rounded to x's dtype first, as the reference's phi.to(x.dtype)
         self.phi_c = phi_c
         self.dtype = dtype
@@ -743,22 +811,25 @@ def _cs_prepared(phi: torch.Tensor, dtype: torch.dtype, block_size: int) -> _CSP
     return prep
 
 
-def _split_measurements(m: int) -> Tuple[int, int, bool]:
-    """The residual's register tiles: P1 = the largest power of two ≤ m (≥ 16), P2 = the rest rounded up to a power
-    of two (≥ 16), merged into one tile when P2 == P1. m = 272 → (256, 16), 109 → (128), 436 → (512)."""
-    p1 = max(16, 1 << (int(m).bit_length() - 1))
-    rest = m - p1
-    if rest <= 0:
-        return p1, 16, False
-    p2 = max(16, triton.next_power_of_2(rest))
-    if p2 == p1:
-        return 2 * p1, 16, False
-    return p1, p2, True
+# Programs the first GEMM of the two-GEMM step should have at least (two per SM of a 132-SM H100 / H200); below
+# that its K loop over the pixels is split into ranges whose partial sums the second kernel adds.
+_CS_TARGET_PROGRAMS = 264
+
+
+def _cs_ksplit(nblk: int, m: int, np_: int) -> int:
+    """How many pixel ranges the first GEMM's reduction is split into: a function of the shape only, never of the
+    tuned tile config, so the order in which r is summed (and so its bits) is fixed for a shape. Ranges are whole
+    128-pixel chunks (KSPLIT divides NP / 128). 256² at batch 1 (64 blocks, m = 272): 9 ranges, 4·5·9 = 180
+    programs at 16 × 64 tiles instead of 20; batch 16: 1 (no split, r written once)."""
+    chunks = np_ // 128
+    programs = triton.cdiv(nblk, 16) * triton.cdiv(m, 64)
+    want = triton.cdiv(_CS_TARGET_PROGRAMS, programs)
+    return max(d for d in range(1, chunks + 1) if chunks % d == 0 and d <= want)
 
 
 def resolve_cs_algorithm(algorithm: str, m: int, n: int) -> str:
-    """``"auto"`` → ``"two_gemm"`` when m < n/2 (4·n·m FLOPs per block against 2·n·(n + m), and the m-vector fits
-    in registers), else ``"one_gemm"``."""
+    """``"auto"`` → ``"two_gemm"`` when m < n/2 (4·n·m FLOPs per block against 2·n·(n + m)), else
+    ``"one_gemm"``."""
     if algorithm != "auto":
         return algorithm
     return "two_gemm" if 2 * m < n else "one_gemm"
@@ -802,18 +873,30 @@ def _cs_launch(x, y, prep: _CSPrepared, rho, algorithm, input_precision, write_z
             nblk, h, w, hb, wb, m,
             BS=bs, NP=prep.np_, HAS_Y=has_y, INPUT_PRECISION=prec, UPCAST=up,
         )
-        write_z = False  # done; the two-GEMM kernel below only has to produce r / the partial sums
+        write_z = False  # done; the two-GEMM kernels below only have to produce r / the partial sums
     if write_z or write_r or partial:
-        rdst = r if write_r else x
-        grid = lambda meta: (triton.cdiv(nblk, meta["BLOCK_M"]),  # noqa: E731
-                             meta["SPLIT_N"] if write_z else 1)
-        _cs_two_gemm_kernel[grid](
-            x, ysrc, prep.phi, prep.phit, rho, zdst, rdst, r_saved if partial else x, part if partial else x,
-            nblk, h, w, hb, wb, m,
-            BS=bs, NP=prep.np_, MP=prep.mp, P1=prep.p1, P2=prep.p2, HAS2=prep.has2,
-            HAS_Y=has_y, WRITE_Z=write_z, WRITE_R=write_r, PARTIAL=partial,
-            INPUT_PRECISION=prec, UPCAST=up,
+        ksplit = _cs_ksplit(nblk, m, prep.np_)
+        # With one range the partial sum is r itself: the first kernel writes it straight into r when r is wanted.
+        direct = ksplit == 1 and write_r
+        ps = m if direct else triton.cdiv(m, 16) * 16
+        parts = r if direct else _empty((ksplit, nblk, ps), x, torch.float32)
+        grid = lambda meta: (triton.cdiv(nblk, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_P"]), ksplit)  # noqa: E731
+        _cs_residual_kernel[grid](
+            x, ysrc, prep.phit, parts,
+            nblk, h, w, hb, wb, m, ps,
+            BS=bs, NP=prep.np_, MP=prep.mp, KSPLIT=ksplit, HAS_Y=has_y, INPUT_PRECISION=prec, UPCAST=up,
         )
+        copy_r = write_r and not direct
+        if write_z or copy_r or partial:
+            grid = lambda meta: (triton.cdiv(nblk, meta["BLOCK_M"]),  # noqa: E731
+                                 prep.np_ // meta["BLOCK_N"] if write_z else 1)
+            _cs_update_kernel[grid](
+                x, parts, prep.phi, rho, zdst, r if copy_r else parts, r_saved if partial else parts,
+                part if partial else parts,
+                nblk, h, w, hb, wb, m, ps,
+                BS=bs, NP=prep.np_, KSPLIT=ksplit, WRITE_Z=write_z, WRITE_R=copy_r, PARTIAL=partial,
+                INPUT_PRECISION=prec, UPCAST=up,
+            )
     return z, r, part
 
 

@@ -9,6 +9,11 @@ import os
 
 INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 
+# An H100 / H200 (sm_90): what the config pruners assume when they cannot ask the device (CPU tensors under the
+# interpreter, or a report compiling for a card that is not there). 227 KB is sm_90's opt-in maximum per block.
+DEFAULT_CAPABILITY = (9, 0)
+DEFAULT_MAX_SHARED_MEMORY = 232_448
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
@@ -16,6 +21,18 @@ def interpreting() -> bool:
 
 def full_tuning() -> bool:
     return os.environ.get("LORUN_FAST_TUNE", "1").strip() != "0"
+
+
+def device_limits(device) -> tuple:
+    """``((major, minor), opt-in shared memory per block in bytes)`` of a CUDA device, or the sm_90 defaults."""
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(device)
+            smem = getattr(props, "shared_memory_per_block_optin", 0) or DEFAULT_MAX_SHARED_MEMORY
+            return (props.major, props.minor), int(smem)
+    return DEFAULT_CAPABILITY, DEFAULT_MAX_SHARED_MEMORY
 
 
 def check_runnable(t, kernel_module: str) -> None:

@@ -189,6 +189,24 @@ def test_cs_matches_reference_with_gradients(size, n, c, phi_spec, algorithm):
     check_against_reference(op, cs_fn(op, algorithm=algorithm), case)
 
 
+@pytest.mark.parametrize("ksplit", [1, 3])
+def test_cs_two_gemm_split_reduction(monkeypatch, ksplit):
+    """The first GEMM's pixel reduction in 1 range (r written directly) and in 3 (partial sums added by the second
+    kernel); the shape alone picks 9 for these small test images, which the cases above cover."""
+    monkeypatch.setattr(gs, "_cs_ksplit", lambda nblk, m, np_: ksplit)
+    op = _gaussian_cs(0.25, 3)
+    case = make_case(op, (2, 1, 40, 70), seed=21 + ksplit)
+    check_against_reference(op, cs_fn(op, algorithm="two_gemm"), case)
+
+
+def test_cs_split_depends_on_the_shape_only():
+    # 256² at batch 1: 64 blocks, split 9 ways; batch 16: 1024 blocks, no split; 8×8 blocks: one 128-pixel chunk.
+    assert gs._cs_ksplit(64, 272, 1152) == 9
+    assert gs._cs_ksplit(256, 272, 1152) == 3
+    assert gs._cs_ksplit(1024, 272, 1152) == 1
+    assert gs._cs_ksplit(4, 16, 128) == 1
+
+
 @pytest.mark.data
 @pytest.mark.parametrize("ratio", [10, 25, 40])
 def test_cs_shared_sampling_matrices(ratio):
@@ -243,9 +261,7 @@ def test_cs_prepared_phi_is_cached_per_version():
     phi.mul_(2.0)  # in place: the version counter moves, the cache must not serve the old Φ
     b = gs._cs_prepared(phi, torch.float32, 33)
     assert b is not a and torch.equal(b.phi_c, phi)
-    assert gs._split_measurements(272) == (256, 16, True)
-    assert gs._split_measurements(109) == (128, 16, False)
-    assert gs._split_measurements(436) == (512, 16, False)
+    assert b.mp == 128 and gs._cs_prepared(_random_phi(272, 9).float(), torch.float32, 33).mp == 384
     assert gs.resolve_cs_algorithm("auto", 272, 1089) == "two_gemm"
     assert gs.resolve_cs_algorithm("auto", 545, 1089) == "one_gemm"
 
