@@ -11,7 +11,9 @@ import io as _io
 import json
 import math
 import re
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -26,6 +28,25 @@ TRAIN_BACKEND_CHOICES = ("auto", "reference", "merged", "triton")
 
 class CLIError(Exception):
     """A usage error with a message for the user (exit status 2)."""
+
+
+#: Set by the command line's own Ctrl-C handler (:func:`install_interrupt_handler`): a library may catch and drop
+#: the KeyboardInterrupt raised inside its import, so the commands also look at this before their work starts.
+INTERRUPTED = threading.Event()
+
+
+def install_interrupt_handler() -> None:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered in :data:`INTERRUPTED`."""
+    def on_interrupt(signum, frame):
+        INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
+
+
+def _stop_if_interrupted() -> None:
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
 
 
 def _dtype(name: str):
@@ -333,6 +354,7 @@ def cmd_eval(args) -> int:
     names = output_names(images)
     out = _check_eval_out(args, images, names) if args.out else None
     model = _load(args, _operator(args, args.checkpoint, args.adapters))
+    _stop_if_interrupted()
     results = []
     try:
         evaluate_cs(model, images, out_dir=out, device=device, dtype=_dtype(args.dtype), progress=not args.quiet,
@@ -854,6 +876,7 @@ def cmd_train(args) -> int:
             raise CLIError(f"--train-images {config.train_images}: folder not found")
         if config.val_images is not None and not Path(config.val_images).exists():
             raise CLIError(f"--val-images {config.val_images}: not found")
+    _stop_if_interrupted()
     try:
         trainer, summary = run_training(config, out, device=device, resume=args.resume, stop_at=args.stop_at,
                                         quiet=args.quiet, install_signal_handlers=True)
