@@ -239,6 +239,13 @@ def _task_name(args) -> str:
     return args.task or recorded or "cs"
 
 
+def _check_method_source(args) -> None:
+    """A checkpoint is the model of ``--method model`` and of nothing else: refuse one the method would ignore."""
+    if args.method != "model" and (args.checkpoint is not None or args.adapters is not None):
+        raise CLIError(f"--method {args.method}: reconstructs without a model; drop --checkpoint/--adapters (or use "
+                       f"--method model)")
+
+
 def _print_results(args, results, out) -> None:
     from lorun_fast.evaluate import format_table, mean_scores
 
@@ -338,12 +345,13 @@ def cmd_eval(args) -> int:
     device = _device(args.device)
     _check_sources(args)
     task = _task_name(args)
-    foreign = [option for option, dest, owner in _TASK_OPTIONS if owner != task and getattr(args, dest) != _defaults(
-        "eval")[dest]]
+    defaults = _defaults("eval")
+    foreign = [option for option, dest, owner in _TASK_OPTIONS if owner != task and getattr(args, dest) != defaults[dest]]
     if foreign:
         raise CLIError(f"{', '.join(foreign)}: not an option of the {task} task")
     if args.method not in METHODS[task]:
         raise CLIError(f"--method {args.method}: the {task} task offers {', '.join(METHODS[task])}")
+    _check_method_source(args)
     if task == "cassi":
         return _eval_cassi(args, device)
     if task == "sr":
@@ -388,6 +396,7 @@ def cmd_restore(args) -> int:
     if args.method not in METHODS[task] or args.method == "bicubic":
         raise CLIError(f"--method {args.method}: restore of the {task} task offers "
                        f"{', '.join(m for m in METHODS[task] if m != 'bicubic')}")
+    _check_method_source(args)
     if task == "cassi":
         return _restore_cassi(args)
     for option, dest in (("--mask", "mask"), ("--plot", "plot"), ("--preview", "preview")):

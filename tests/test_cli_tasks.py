@@ -190,3 +190,14 @@ def test_cassi_bad_input(cubes, tmp_path, capsys):
     assert "c.npy" in capsys.readouterr().err
     assert main(["train", "--task", "cassi", "--out", str(tmp_path / "r"), "--ratio", "25"]) == 2
     assert "--ratio: not an option of the cassi task" in capsys.readouterr().err
+
+
+def test_a_checkpoint_the_method_would_ignore_is_refused(cubes, tmp_path, capsys):
+    folder, mask = cubes
+    operator = CASSI(torch.from_numpy(scipy.io.loadmat(mask)["mask"]), 28, 2)
+    model = build_dun(operator, ModelConfig(strategy="shared", num_stages=1,
+                                            backbone_kwargs={"in_channels": 28, "channels": 2, "num_blocks": 1}))
+    save_dun(model, tmp_path / "m.safetensors", {"task": "cassi"})
+    assert main(["eval", "--task", "cassi", "--method", "gap-tv", "--checkpoint", str(tmp_path / "m.safetensors"),
+                 "--images", str(folder), "--mask", str(mask)]) == 2
+    assert "--method gap-tv: reconstructs without a model" in capsys.readouterr().err
