@@ -210,7 +210,7 @@ def _check_eval_out(args, images: list[Path], names: list[str]) -> Path:
 # eval
 # ----------------------------------------------------------------------------------------------------------------
 TASKS = ("cs", "cassi", "sr")
-METHODS = {"cs": ("model",), "cassi": ("model", "x0", "gap-tv"), "sr": ("bicubic",)}
+METHODS = {"cs": ("model",), "cassi": ("model", "x0", "gap-tv"), "sr": ("model", "bicubic")}
 
 
 _TASK_OPTIONS = (("--ratio", "ratio", "cs"), ("--phi", "phi", "cs"), ("--qinit", "qinit", "cs"),
@@ -316,25 +316,51 @@ def _eval_cassi(args, device) -> int:
     return 0
 
 
-def _eval_sr(args) -> int:
-    """SR: the SR literature's protocol (MATLAB bicubic degradation, Y channel, shave = scale)."""
+def _sr_scale(args) -> int:
+    """--scale, else the scale the checkpoint records, else 4; a --scale contradicting the checkpoint is refused."""
+    from lorun_fast.checkpoints import task_of
+
+    recorded = task_of(args.checkpoint) if args.checkpoint else None
+    recorded_scale = (recorded or {}).get("scale")
+    if args.scale is not None and recorded_scale is not None and args.scale != recorded_scale:
+        raise CLIError(f"--scale {args.scale}: {args.checkpoint} is a ×{recorded_scale} model")
+    return args.scale or recorded_scale or 4
+
+
+def _sr_model(args, scale: int, device):
+    from lorun_fast.reference.bicubic import BicubicSR
+
+    return _load(args, BicubicSR(scale)).to(device=device, dtype=_dtype(args.dtype)).eval()
+
+
+def _eval_sr(args, device) -> int:
+    """SR: the SR literature's protocol (MATLAB bicubic degradation, Y channel, shave = scale), for the bicubic
+    baseline or a model."""
     import time
 
     from lorun_fast.evaluate import ImageResult, output_names
-    from lorun_fast.tasks.sr import bicubic_baseline, read_hr
+    from lorun_fast.tasks.sr import bicubic_baseline, evaluate_sr, read_hr
 
     images = _image_paths(args.images)
+    scale = _sr_scale(args)
     out = None
     if args.out:
         from lorun_fast.io import check_output_folder
 
         out = check_output_folder(args.out, ["results.csv"], _earlier_eval_files(Path(args.out)), "--out")
-    results = []
-    for name, path in zip(output_names(images), images):
-        start = time.perf_counter()
-        scores = bicubic_baseline(path, args.scale)
-        height, width = read_hr(path).shape[:2]
-        results.append(ImageResult(name, height, width, scores.psnr, scores.ssim, time.perf_counter() - start))
+    if args.method == "model":
+        if args.checkpoint is None:
+            raise CLIError("--method model needs --checkpoint (or use --method bicubic)")
+        model = _sr_model(args, scale, device)
+        _stop_if_interrupted()
+        results = evaluate_sr(model, images, scale, device, _dtype(args.dtype), progress=not args.quiet)
+    else:
+        results = []
+        for name, path in zip(output_names(images), images):
+            start = time.perf_counter()
+            scores = bicubic_baseline(path, scale)
+            height, width = read_hr(path).shape[:2]
+            results.append(ImageResult(name, height, width, scores.psnr, scores.ssim, time.perf_counter() - start))
     _print_results(args, results, out)
     return 0
 
@@ -355,7 +381,7 @@ def cmd_eval(args) -> int:
     if task == "cassi":
         return _eval_cassi(args, device)
     if task == "sr":
-        return _eval_sr(args)
+        return _eval_sr(args, device)
     if args.checkpoint is None:
         raise CLIError("eval: --checkpoint is required for the cs task")
     images = _image_paths(args.images)  # a bad folder fails before the model is built
@@ -393,15 +419,18 @@ def cmd_restore(args) -> int:
 
     _check_sources(args)
     task = _task_name(args)
-    if args.method not in METHODS[task] or args.method == "bicubic":
-        raise CLIError(f"--method {args.method}: restore of the {task} task offers "
-                       f"{', '.join(m for m in METHODS[task] if m != 'bicubic')}")
+    if args.method not in METHODS[task]:
+        raise CLIError(f"--method {args.method}: restore of the {task} task offers {', '.join(METHODS[task])}")
     _check_method_source(args)
     if task == "cassi":
         return _restore_cassi(args)
-    for option, dest in (("--mask", "mask"), ("--plot", "plot"), ("--preview", "preview")):
+    if task == "sr":
+        return _restore_sr(args)
+    for option, dest in (("--mask", "mask"), ("--plot", "plot"), ("--preview", "preview"), ("--scale", "scale")):
         if getattr(args, dest) is not None:
             raise CLIError(f"{option}: not an option of the cs task")
+    if args.degrade:
+        raise CLIError("--degrade: not an option of the cs task (an --image is always measured)")
     if args.checkpoint is None:
         raise CLIError("restore: --checkpoint is required for the cs task")
     if Path(args.out).suffix.lower() != ".png":
@@ -482,6 +511,8 @@ def _restore_cassi(args) -> int:
         raise CLIError(f"--out {out}: expected a .npy or .mat file name for the reconstructed cube")
     if args.size is not None:
         raise CLIError("--size: not an option of the cassi task (the cube has the mask's size)")
+    if args.scale is not None or args.degrade:
+        raise CLIError("--scale/--degrade: not options of the cassi task")
     if args.method == "model" and args.checkpoint is None:
         raise CLIError("--method model needs --checkpoint (or use --method x0 / gap-tv)")
     preview = Path(args.preview) if args.preview else out.with_suffix(".png")
@@ -585,6 +616,70 @@ def _load_cassi_measurement(path, operator):
     if bad:
         raise CLIError(f"--measurement {path}: holds {bad} non-finite value(s) (NaN or inf)")
     return torch.from_numpy(np.asarray(array, dtype=np.float64))[None]
+
+
+def _restore_sr(args) -> int:
+    """SR: an LR image (or, with --degrade, an HR image degraded here by MATLAB bicubic) → the ×scale image as
+    SR papers display it (the model's Y, bicubic Cb/Cr), with PSNR/SSIM on Y against the HR when it is known."""
+    import time
+
+    from lorun_fast.io import check_not_inputs, check_writable_folder
+    from lorun_fast.tasks.sr import (_check_hr_for_scale, colour_sr, degrade_bicubic, modcrop, read_hr,
+                                     reconstruct_y, sr_scores, upscale_bicubic, y_channel)
+
+    if args.measurement is not None:
+        raise CLIError("--measurement: the sr task takes an --image (LR, or HR with --degrade)")
+    for option, dest in (("--mask", "mask"), ("--plot", "plot"), ("--preview", "preview"), ("--size", "size"),
+                         ("--save-measurement", "save_measurement")):
+        if getattr(args, dest) is not None:
+            raise CLIError(f"{option}: not an option of the sr task")
+    if args.degrade and args.original:
+        raise CLIError("--original: with --degrade the --image is the original")
+    if Path(args.out).suffix.lower() != ".png":
+        raise CLIError(f"--out {args.out}: expected a .png file name")
+    if args.method == "model" and args.checkpoint is None:
+        raise CLIError("--method model needs --checkpoint (or use --method bicubic)")
+    check_not_inputs({"--out": args.out}, _input_files(args))
+    if Path(args.out).is_dir():
+        raise CLIError(f"--out {args.out}: is a folder; expected a file name")
+    check_writable_folder(Path(args.out).parent, f"--out {args.out}: its folder")
+    scale = _sr_scale(args)
+    device = _device(args.device)
+    image = read_hr(args.image)
+    hr = None
+    if args.degrade:
+        hr = modcrop(image, scale)
+        try:
+            _check_hr_for_scale(hr, scale, "--image")
+        except ValueError as err:
+            raise CLIError(f"--image {args.image}: {err}") from err
+        lr = degrade_bicubic(hr, scale)
+    else:
+        lr = image
+        if args.original:
+            hr = modcrop(read_hr(args.original), scale)
+            if (lr.shape[0] * scale, lr.shape[1] * scale) != hr.shape[:2] or lr.ndim != hr.ndim:
+                raise CLIError(f"--image {args.image}: LR {lr.shape[0]}×{lr.shape[1]} times {scale} is "
+                               f"{lr.shape[0] * scale}×{lr.shape[1] * scale}, but --original {args.original} is "
+                               f"{hr.shape[0]}×{hr.shape[1]} (after cropping to a multiple of {scale})"
+                               + ("" if lr.ndim == hr.ndim else "; and one is gray, the other colour"))
+    start = time.perf_counter()
+    if args.method == "model":
+        model = _sr_model(args, scale, device)
+        _stop_if_interrupted()
+        sr = colour_sr(lr, reconstruct_y(model, lr, scale, device, _dtype(args.dtype)), scale)
+    else:
+        sr = upscale_bicubic(lr, scale)
+    seconds = time.perf_counter() - start
+    from lorun_fast.io import write_png_atomic
+
+    write_png_atomic(args.out, sr)
+    print(f"×{scale} {args.method} reconstruction ({sr.shape[0]}x{sr.shape[1]}) written to {args.out} in "
+          f"{seconds:.2f} s")
+    if hr is not None:
+        scores = sr_scores(y_channel(sr), y_channel(hr), scale)
+        print(f"PSNR {scores.psnr:.2f} dB, SSIM {scores.ssim:.4f} (Y channel, {scale} pixels shaved)")
+    return 0
 
 
 def _save_npy(path, array, what: str = "measurement") -> None:
@@ -742,7 +837,7 @@ TRAIN_FIELDS = {
     "min_lr_ratio": "min_lr_ratio", "warmup": "warmup_steps", "weight_decay": "weight_decay",
     "grad_clip": "grad_clip", "seed": "seed", "precision": "precision", "backend": "backend",
     "log_every": "log_every", "checkpoint_every": "checkpoint_every", "adapter_name": "adapter_name",
-    "task": "task_name", "mask": "mask", "exclude": "exclude",
+    "task": "task_name", "mask": "mask", "exclude": "exclude", "scale": "scale",
 }
 
 
@@ -792,6 +887,8 @@ def _train_config(args):
         raise CLIError(f"{', '.join(cs_only)}: not an option of the {args.task} task")
     if args.task != "cassi" and cassi_only:
         raise CLIError(f"{', '.join(cassi_only)}: not an option of the {args.task} task")
+    if args.task != "sr" and args.scale is not None:
+        raise CLIError(f"--scale: not an option of the {args.task} task")
     if args.base is not None:
         backbone, kwargs = _base_options(args)
     else:
@@ -800,19 +897,18 @@ def _train_config(args):
         kwargs = task.backbone_kwargs(backbone, kwargs)
     except ValueError as err:
         raise CLIError(f"--backbone {backbone}: {err}") from err
+    ratio, exclude = None, []
     if args.task == "cs":
         ratio = 25 if args.ratio is None and args.phi is None else args.ratio
-        exclude = []
-    else:
+    elif args.task == "cassi":
         from lorun_fast.tasks.cassi import HELD_OUT
 
-        ratio = None
         exclude = list(HELD_OUT) if args.exclude is None else list(_split(args.exclude))
     return TrainConfig(
         strategy=args.strategy, num_stages=args.stages, backbone=backbone, backbone_kwargs=kwargs,
         rank=args.rank, gamma=10.0 if args.gamma is None else args.gamma, alpha=args.alpha,
         targets=list(_split(args.targets)) or ["*"], per_stage=list(_split(args.per_stage)), task_name=args.task,
-        ratio=ratio, phi=args.phi, qinit=args.qinit, mask=args.mask, exclude=exclude,
+        ratio=ratio, phi=args.phi, qinit=args.qinit, mask=args.mask, exclude=exclude, scale=args.scale or 4,
         gaussian_seed=args.gaussian, base=args.base, base_phase=args.base_phase, steps=args.steps,
         phase1_steps=args.phase1_steps, train_images=args.train_images, val_images=args.val_images,
         val_every=args.val_every, val_limit=args.val_limit, crop=args.crop or task.default_crop,
@@ -981,7 +1077,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "ista_net_plus 32)")
     g.add_argument("--blocks", type=_number(int, 0), help="resunet residual blocks per level (default 1)")
     _add_lora_options(g)
-    tr.add_argument("--task", choices=("cs", "cassi"), default="cs", help="the restoration task")
+    tr.add_argument("--task", choices=("cs", "cassi", "sr"), default="cs", help="the restoration task")
+    tr.add_argument("--scale", type=int, choices=(2, 3, 4), help="sr: the bicubic scale (default 4)")
     g = tr.add_argument_group("cassi task")
     g.add_argument("--mask", help="coded-aperture mask .mat (default $LORUN_DATA/cassi/mask.mat)")
     g.add_argument("--exclude", help="comma-separated scene names of --train-images left out of training "
@@ -1058,7 +1155,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cube-layout", choices=("hwb", "bhw"), help="axis order of the cubes (default: detected)")
     g.add_argument("--gap-iterations", type=_positive(int), default=100, help="GAP-TV iterations")
     g = ev.add_argument_group("sr task")
-    g.add_argument("--scale", type=int, choices=(2, 3, 4), default=4, help="super-resolution factor")
+    g.add_argument("--scale", type=int, choices=(2, 3, 4), help="super-resolution factor (default: the "
+                   "checkpoint's, else 4)")
     ev.add_argument("--out", help="folder for reconstructions (PNG) and results.csv: new, empty or an earlier "
                     "evaluation's (never the --images folder; nothing else in it is overwritten)")
     ev.add_argument("--device", help=device_help)
@@ -1072,9 +1170,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "PNG out, with PSNR/SSIM against the original. Or reconstruct a saved measurement "
                              "(--measurement y.npy of shape (Hb, Wb, m)); PSNR then needs --original.")
     _add_model_source(rs, required=False)
-    rs.add_argument("--task", choices=("cs", "cassi"), help="default: what the checkpoint records, else cs")
-    rs.add_argument("--method", default="model", choices=("model", "x0", "gap-tv"),
-                    help="cassi: x0 or gap-tv instead of a model")
+    rs.add_argument("--task", choices=("cs", "cassi", "sr"), help="default: what the checkpoint records, else cs")
+    rs.add_argument("--method", default="model", choices=("model", "x0", "gap-tv", "bicubic"),
+                    help="cassi: x0 or gap-tv instead of a model; sr: bicubic")
     source = rs.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="the original image (cassi: a .mat/.npy cube) to measure and reconstruct")
     source.add_argument("--measurement", help="a .npy measurement instead of --image: block measurements (Hb, Wb, m) "
@@ -1084,6 +1182,10 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--original", help="reference image for PSNR/SSIM (default: --image)")
     rs.add_argument("--out", required=True, help="the reconstruction (.png for cs; .npy or .mat cube for cassi); "
                     "never one of the inputs")
+    g = rs.add_argument_group("sr task")
+    g.add_argument("--scale", type=int, choices=(2, 3, 4), help="default: the checkpoint's, else 4")
+    g.add_argument("--degrade", action="store_true", help="--image is an HR image: degrade it here (MATLAB "
+                   "bicubic) and report PSNR/SSIM against it")
     g = rs.add_argument_group("cassi task")
     g.add_argument("--mask", help="coded-aperture mask .mat (default: the checkpoint's, else the shared one)")
     g.add_argument("--preview", help="false-colour PNG of the reconstruction (default: --out with .png)")
@@ -1100,8 +1202,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "and lorun strategies for a backbone, or of one checkpoint (--checkpoint [--adapters]; "
                              "its architecture comes from the file).")
     _add_model_source(ds, required=False)
-    ds.add_argument("--task", choices=("cs", "cassi"), help="the task's images (1 channel for cs, 28 bands for "
-                    "cassi); default cs")
+    ds.add_argument("--task", choices=("cs", "cassi", "sr"), help="the task's images (1 channel for cs and sr, "
+                    "28 bands for cassi); default cs")
     ds.add_argument("--backbone", choices=BACKBONE_CHOICES, help="default resunet")
     ds.add_argument("--channels", type=_positive(int), help="width (default 16 for resunet, 32 for ista_net_plus)")
     ds.add_argument("--blocks", type=_number(int, 0), help="resunet residual blocks per level (default 1)")

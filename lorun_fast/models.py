@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lorun_fast.fused_conv import FusedLoRunConv
-from lorun_fast.operators import fast_operator, reference_operator
+from lorun_fast.operators import fast_operator, has_fast_sibling, reference_operator
 from lorun_fast.reference import DUN, ISTANetPlusPhase, LoRAConv2d, Operator, ResBlock, ResUNet
 
 __all__ = ["BACKBONES", "ModelConfig", "build_backbone", "build_dun", "FusedResBlock", "to_fast", "to_reference",
@@ -312,7 +312,8 @@ def to_fast(model: DUN, backend: str = "auto", input_precision: str = "tf32") ->
     _check_dun(model)
     fast = copy.deepcopy(model)
     step_backend = backend if backend in ("auto", "triton") else "reference"
-    fast.operator = fast_operator(fast.operator, backend=step_backend, input_precision=input_precision)
+    if has_fast_sibling(fast.operator):
+        fast.operator = fast_operator(fast.operator, backend=step_backend, input_precision=input_precision)
 
     def convert(module):
         if type(module) is LoRAConv2d:
@@ -335,7 +336,8 @@ def to_reference(model: DUN) -> DUN:
     """The inverse of :func:`to_fast`: a copy built on the reference LoRA layers, residual blocks and operator."""
     _check_dun(model)
     reference = copy.deepcopy(model)
-    reference.operator = reference_operator(reference.operator)
+    if has_fast_sibling(reference.operator):
+        reference.operator = reference_operator(reference.operator)
 
     def convert(module):
         if isinstance(module, FusedLoRunConv):

@@ -24,8 +24,8 @@ import torch
 
 from lorun_fast.reference.operators import CASSI, BlockCS, Operator, SuperResolution
 
-__all__ = ["FastBlockCS", "FastCASSI", "FastSuperResolution", "fast_operator", "reference_operator", "BACKEND",
-           "BACKENDS"]
+__all__ = ["FastBlockCS", "FastCASSI", "FastSuperResolution", "fast_operator", "reference_operator",
+           "has_fast_sibling", "BACKEND", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -137,6 +137,12 @@ def _retyped(op: Operator, cls: type) -> Operator:
     for name in ("_buffers", "_parameters", "_modules"):
         setattr(new, name, copy.copy(getattr(op, name)))
     return new
+
+
+def has_fast_sibling(op: Operator) -> bool:
+    """Whether ``op`` has a fused gradient step (block CS, CASSI, Gaussian-blur SR); the bicubic SR operator's step
+    is two small separable matrix products and stays as it is."""
+    return type(op) in _FAST or type(op) in _REFERENCE
 
 
 def fast_operator(op: Operator, *, backend: str = "auto", algorithm: str = "auto",

@@ -84,7 +84,7 @@ class TrainConfig:
     alpha: float | None = None
     targets: list = field(default_factory=lambda: ["*"])
     per_stage: list = field(default_factory=list)
-    # the task (lorun_fast.tasks): "cs" or "cassi"
+    # the task (lorun_fast.tasks): "cs", "cassi" or "sr"
     task_name: str = "cs"
     # cs: ISTA-Net's matrices for `ratio` (default), explicit files, or a seeded Gaussian Φ at `ratio`
     ratio: int | None = 25
@@ -94,6 +94,8 @@ class TrainConfig:
     # cassi: the mask file (default: the shared one) and training-folder scenes left out (held out for testing)
     mask: str | None = None
     exclude: list = field(default_factory=list)
+    # sr: the bicubic scale
+    scale: int = 4
     # lorun: the base (phase 1) — trained here for phase1_steps, or read from a checkpoint
     base: str | None = None
     base_phase: int | None = None

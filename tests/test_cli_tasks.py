@@ -201,3 +201,123 @@ def test_a_checkpoint_the_method_would_ignore_is_refused(cubes, tmp_path, capsys
     assert main(["eval", "--task", "cassi", "--method", "gap-tv", "--checkpoint", str(tmp_path / "m.safetensors"),
                  "--images", str(folder), "--mask", str(mask)]) == 2
     assert "--method gap-tv: reconstructs without a model" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SR end to end
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def hr_images(tmp_path):
+    """Smooth 8-bit HR images: two gray 48×48 (training) and one RGB 52×44 (testing; not a multiple of 4)."""
+    from PIL import Image
+
+    folder, test = tmp_path / "hr", tmp_path / "test"
+    folder.mkdir()
+    test.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        small = rng.random((10, 10))
+        Image.fromarray((small * 255).astype(np.uint8)).resize((48, 48), Image.BICUBIC).save(folder / f"g{i}.png")
+    colour = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
+    Image.fromarray(colour).resize((44, 52), Image.BICUBIC).save(test / "c.png")
+    return folder, test
+
+
+def _sr_train(folder, out, *extra):
+    return main(["train", "--task", "sr", "--scale", "4", "--out", str(out), "--train-images", str(folder),
+                 "--strategy", "lorun", "--stages", "2", "--channels", "2", "--steps", "4", "--phase1-steps", "2",
+                 "--crop", "32", "--batch-size", "2", "--quiet", "--threads", "1", "--device", "cpu",
+                 "--checkpoint-every", "1", *extra])
+
+
+def test_sr_train_resume_eval_restore(hr_images, tmp_path, capsys):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    folder, test = hr_images
+    assert _sr_train(folder, tmp_path / "whole") == 0, capsys.readouterr().err
+    assert _sr_train(folder, tmp_path / "split", "--stop-at", "3") == 0
+    assert main(["train", "--out", str(tmp_path / "split"), "--resume", "--quiet"]) == 0
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    split = load_file(tmp_path / "split" / "model.safetensors")
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+    run = tmp_path / "whole"
+    assert (run / "adapters-sr_x4.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "model.safetensors"), "--images", str(test), "--quiet"]) == 0
+    assert "c " in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(run / "model.safetensors"), "--images", str(test), "--scale", "2"]) == 2
+    assert "is a ×4 model" in capsys.readouterr().err
+    out = tmp_path / "c_x4.png"
+    assert main(["restore", "--checkpoint", str(run / "model.safetensors"), "--image", str(test / "c.png"),
+                 "--degrade", "--out", str(out)]) == 0
+    assert "PSNR" in capsys.readouterr().out
+    assert Image.open(out).mode == "RGB" and Image.open(out).size == (44, 52)
+
+
+def test_sr_fused_model_matches_reference():
+    """to_fast on an SR LoRun DUN: Triton convolutions (interpreter on a CPU), the bicubic step as it is."""
+    from lorun_fast import FusedLoRunConv, to_fast
+    from lorun_fast.reference.bicubic import BicubicSR
+
+    torch.manual_seed(4)
+    model = build_dun(BicubicSR(2), ModelConfig(strategy="lorun", num_stages=2,
+                                                backbone_kwargs={"channels": 4, "num_blocks": 1}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.1)
+    y = torch.rand(1, 1, 12, 10)
+    expected = model.double()(y.double(), (24, 20))
+    fast = to_fast(model, backend="triton", input_precision="ieee").to(torch.float32)
+    assert "triton" in {m.backend for m in fast.modules() if isinstance(m, FusedLoRunConv)}
+    out = fast(y, (24, 20))
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-4
+
+
+def test_sr_bad_input(hr_images, tmp_path, capsys):
+    from PIL import Image
+
+    folder, test = hr_images
+    lr = tmp_path / "lr.png"
+    Image.fromarray(np.zeros((10, 10, 3), dtype=np.uint8)).save(lr)
+    assert main(["restore", "--task", "sr", "--method", "bicubic", "--scale", "4", "--image", str(lr), "--original",
+                 str(test / "c.png"), "--out", str(tmp_path / "o.png")]) == 2
+    assert "LR 10×10 times 4 is 40×40, but --original" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--task", "sr", "--method", "bicubic", "--scale", "5", "--images", str(test)])
+    assert "invalid choice: 5" in capsys.readouterr().err
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tiny / "t.png")
+    assert main(["eval", "--task", "sr", "--method", "bicubic", "--scale", "4", "--images", str(tiny)]) == 2
+    assert "t.png" in capsys.readouterr().err
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    Image.fromarray(np.full((48, 48), 1000, dtype=np.uint16)).save(deep / "d.png")
+    assert main(["eval", "--task", "sr", "--method", "bicubic", "--images", str(deep)]) == 2
+    assert "d.png" in capsys.readouterr().err
+    assert main(["train", "--task", "sr", "--out", str(tmp_path / "r"), "--crop", "30", "--train-images",
+                 str(folder)]) == 2
+    assert "--crop: expected a multiple of the scale 4" in capsys.readouterr().err
+
+
+def test_bicubic_and_adjoint_starts_agree_on_set5(shared_data):
+    """x0 for SR, both candidates measured: MATLAB bicubic upscaling of the LR, and Aᵀy normalised by Aᵀ1 (what
+    the operator alone gives). They score the same (the normalised adjoint of the antialiased ×1/s bicubic is,
+    away from the borders, the ×s bicubic): the DUN starts from bicubic, the SR literature's usual start."""
+    from lorun_fast.reference.bicubic import BicubicSR
+    from lorun_fast.tasks.sr import degrade_bicubic, modcrop, read_hr, sr_input, sr_scores, y_channel
+
+    operator = BicubicSR(4)
+    psnrs = {"bicubic": [], "adjoint": []}
+    for path in sorted((shared_data / "Set5").glob("*.png")):
+        hr = modcrop(read_hr(path), 4)
+        y = torch.from_numpy(sr_input(degrade_bicubic(hr, 4)))[None, None]
+        size = hr.shape[:2]
+        starts = {"bicubic": operator.init(y, size),
+                  "adjoint": operator.A_adjoint(y, size) / operator.A_adjoint(torch.ones_like(y), size)}
+        for name, x in starts.items():
+            psnrs[name].append(sr_scores(np.clip(x[0, 0].numpy() * 255, 0, 255), y_channel(hr), 4).psnr)
+    assert np.mean(psnrs["bicubic"]) == pytest.approx(28.43, abs=0.01)
+    assert abs(np.mean(psnrs["bicubic"]) - np.mean(psnrs["adjoint"])) < 0.01

@@ -1,6 +1,6 @@
 """Task plug-ins: everything task-specific about one restoration problem lives in one module.
 
-Each module (``cs``, ``cassi``; ``sr`` holds the super-resolution protocol) defines ``TASK``, an object with:
+Each module (``cs``, ``cassi``, ``sr``) defines ``TASK``, an object with:
 
 - ``name``: the task's name (what ``--task`` takes and what checkpoints record as ``{"task": name, ...}``);
 - ``record(config)``: the task record a training run writes into its checkpoints (files, ratios, mask, ...);
@@ -20,8 +20,8 @@ import importlib
 
 __all__ = ["TASK_NAMES", "task_name_of", "get_task", "operator_from_record"]
 
-#: Tasks that train, evaluate and restore end to end (``sr`` evaluates its bicubic baseline only, so far).
-TASK_NAMES = ("cs", "cassi")
+#: Tasks that train, evaluate and restore end to end.
+TASK_NAMES = ("cs", "cassi", "sr")
 
 
 def task_name_of(record: dict | None) -> str:

@@ -58,7 +58,8 @@ from lorun_fast.io import read_rgb, rgb_to_y
 from lorun_fast.metrics import SSIM_GAUSSIAN_WIN_SIZE, psnr, ssim_gaussian
 from lorun_fast.reference.bicubic import SUPPORTED_SCALES, imresize_matrix
 
-__all__ = ["SRScores", "SUPPORTED_SCALES", "bicubic_baseline", "degrade_bicubic", "matlab_imresize_uint8",
+__all__ = ["SRScores", "SUPPORTED_SCALES", "TASK", "SRTask", "evaluate_sr", "reconstruct_y", "sr_input", "colour_sr",
+           "bicubic_baseline", "degrade_bicubic", "matlab_imresize_uint8",
            "modcrop", "read_hr", "shave", "sr_scores", "upscale_bicubic", "y_channel"]
 
 # Kernel support of MATLAB's bicubic: 4 pixels at the low resolution, i.e. 4·s HR pixels when downscaling.
@@ -282,3 +283,153 @@ def bicubic_baseline(hr_path: str | os.PathLike, scale: int,
                              f"is {hr.shape[0]}×{hr.shape[1]}")
     sr = upscale_bicubic(lr, scale)
     return sr_scores(y_channel(sr), y_channel(hr), scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The task plug-in: a DUN on the Y channel with the bicubic operator
+# ----------------------------------------------------------------------------------------------------------------
+def sr_input(lr_uint8: np.ndarray) -> np.ndarray:
+    """The DUN's input for an 8-bit LR image: its Y channel (gray values for gray images) on [0, 1]."""
+    return y_channel(lr_uint8) / 255.0
+
+
+def reconstruct_y(model, lr_uint8: np.ndarray, scale: int, device="cpu", dtype=None) -> np.ndarray:
+    """The model's Y channel of the ×``scale`` image of an 8-bit LR image, float64 on [0, 255], rounded to 8-bit
+    levels as a saved result would be."""
+    import torch
+
+    dtype = dtype or torch.float32
+    y = torch.from_numpy(sr_input(lr_uint8))[None, None].to(device=device, dtype=dtype)
+    h, w = y.shape[-2] * scale, y.shape[-1] * scale
+    with torch.no_grad():
+        x = model(y, (h, w))
+    if not bool(torch.isfinite(x).all()):
+        raise FloatingPointError("model: the reconstruction holds non-finite values; the model is broken")
+    return np.rint(np.clip(x[0, 0].double().cpu().numpy() * 255.0, 0.0, 255.0))
+
+
+def evaluate_sr(model, paths, scale: int, device="cpu", dtype=None, progress: bool = False):
+    """The SR protocol with a model: modcrop the HR, LR by MATLAB bicubic (8-bit), reconstruct Y from the LR's Y,
+    score against the HR's Y with ``scale`` pixels shaved. One ``ImageResult`` per image."""
+    import time
+
+    from lorun_fast.evaluate import ImageResult, output_names
+
+    paths = list(paths)
+    names = output_names(paths)
+    iterator = zip(names, paths)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(list(iterator), desc="eval", unit="img")
+    results = []
+    for name, path in iterator:
+        hr = modcrop(read_hr(path), scale)
+        try:
+            _check_hr_for_scale(hr, scale, "hr")
+        except ValueError as err:
+            raise ValueError(f"'{path}': {err}") from err
+        lr = degrade_bicubic(hr, scale)
+        start = time.perf_counter()
+        try:
+            sr_y = reconstruct_y(model, lr, scale, device, dtype)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"'{path}': {err}") from err
+        seconds = time.perf_counter() - start
+        scores = sr_scores(sr_y, y_channel(hr), scale)
+        results.append(ImageResult(name, hr.shape[0], hr.shape[1], scores.psnr, scores.ssim, seconds))
+    return results
+
+
+# BT.601 studio swing on 8-bit values, as MATLAB's rgb2ycbcr: [Y, Cb, Cr] = offset + M·[R, G, B] / 255.
+_YCBCR = np.array([[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]])
+_YCBCR_OFFSET = np.array([16.0, 128.0, 128.0])
+
+
+def colour_sr(lr_uint8: np.ndarray, sr_y: np.ndarray, scale: int) -> np.ndarray:
+    """The displayed SR image as SR papers make it: the model's Y with Cb and Cr from bicubic upscaling of the LR
+    (MATLAB ``imresize``), converted back to 8-bit RGB; a gray LR gives the gray Y itself."""
+    sr_y = np.asarray(sr_y, dtype=np.float64)
+    if lr_uint8.ndim == 2:
+        return np.clip(np.rint(sr_y), 0, 255).astype(np.uint8)
+    up = upscale_bicubic(lr_uint8, scale).astype(np.float64)
+    ycbcr = _YCBCR_OFFSET + up @ _YCBCR.T / 255.0
+    ycbcr[..., 0] = sr_y
+    rgb = (ycbcr - _YCBCR_OFFSET) @ np.linalg.inv(_YCBCR).T * 255.0
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+class SRTask:
+    """Bicubic ×2/×3/×4 super-resolution of the Y channel (gray training images are their own Y).
+
+    Record: ``{"task": "sr", "scale": s, "degradation": "bicubic"}``. Training LR images are made on the fly with
+    the same bicubic operator and rounded to 8-bit levels, as the test LR images are.
+    """
+
+    name = "sr"
+    default_crop = 96
+
+    def record(self, config) -> dict:
+        return {"task": self.name, "scale": int(config.scale), "degradation": "bicubic"}
+
+    def operator(self, record: dict):
+        from lorun_fast.reference.bicubic import BicubicSR
+
+        return BicubicSR(int(record.get("scale", 4)))
+
+    def training_operator(self, record: dict, config):
+        return self.operator(record)
+
+    def backbone_kwargs(self, backbone: str, kwargs: dict) -> dict:
+        if backbone != "resunet":
+            raise ValueError(f"backbone: the sr task uses the resunet backbone, got {backbone!r}")
+        return dict(kwargs)
+
+    def default_train_images(self) -> str:
+        from lorun_fast.io import data_root
+
+        return str(data_root() / "Train400")
+
+    def default_adapter_name(self, config) -> str:
+        return f"sr_x{config.scale}"
+
+    def check(self, config, need) -> None:
+        """The SR part of ``TrainConfig.validate`` (Φ and mask options belong to other tasks)."""
+        need(config.phi is None and config.qinit is None and config.gaussian_seed is None and config.mask is None
+             and not config.exclude, "phi, qinit, gaussian_seed, mask, exclude: not options of the sr task")
+        need(config.scale in SUPPORTED_SCALES, f"scale: expected one of {SUPPORTED_SCALES}, got {config.scale!r}")
+        need(config.crop % config.scale == 0 and config.crop >= _KERNEL_WIDTH * config.scale,
+             f"crop: expected a multiple of the scale {config.scale} of at least {_KERNEL_WIDTH * config.scale}, "
+             f"got {config.crop}")
+
+    def sampler(self, config):
+        from lorun_fast.tasks.cs import PatchSampler
+
+        return PatchSampler.from_folder(config.train_images or self.default_train_images(), config.crop,
+                                        config.batch_size, config.seed, config.augment)
+
+    def rank_slice(self, batch, rank: int, world_size: int):
+        per = batch.shape[0] // world_size
+        return batch[rank * per:(rank + 1) * per]
+
+    def loss(self, model, train_model, batch, device, bf16: bool):
+        """MSE of the reconstruction of HR crops from their bicubic LR, rounded to 8-bit levels."""
+        import torch
+
+        x = batch.to(device)
+        with torch.no_grad():
+            y = torch.round(model.operator.A(x).clamp(0, 1) * 255.0) / 255.0
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            x_hat = train_model(y, tuple(x.shape[-2:]))
+        return torch.nn.functional.mse_loss(x_hat.float(), x)
+
+    def validation_files(self, folder):
+        from lorun_fast.io import list_images
+
+        return list_images(folder)
+
+    def validate(self, model, paths, device: str, config):
+        return evaluate_sr(model, paths, config.scale, device)
+
+
+TASK = SRTask()
