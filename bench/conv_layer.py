@@ -1,4 +1,4 @@
-"""One LoRA convolution layer, four ways (issue 3): plain conv, peft-style unfused, merge + cuDNN, fused Triton.
+"""One LoRA convolution layer, four ways: plain conv, peft-style unfused, merge + cuDNN, fused Triton.
 
     python bench/conv_layer.py                 # GPU: C ∈ {16, 32, 64}, 256² and 512², batch 1 and 16, fp32/TF32 + bf16
     python bench/conv_layer.py --quick         # GPU: C=32, 256², batch 16, both dtypes (the NOTES.md shape)

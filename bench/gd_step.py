@@ -1,4 +1,4 @@
-"""One gradient-descent step ``z = x − ρ·Aᵀ(A x − y)``, fused vs eager, for the three operators (issue 4).
+"""One gradient-descent step ``z = x − ρ·Aᵀ(A x − y)``, fused vs eager, for the three operators.
 
     python bench/gd_step.py                 # GPU: batch 1 and 16 × 256² and 512² × fp32/TF32 and bf16 (forward),
                                             #      forward+backward at batch 16, 256²

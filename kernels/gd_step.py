@@ -1,6 +1,6 @@
 """Fused gradient-descent steps ``z = x − ρ·Aᵀ(A x − y)`` (the GDM of every DUN stage) in Triton.
 
-Three operators, with the layouts and semantics of ``lorun_fast.reference.operators`` (DESIGN.md §3):
+Three operators, with the layouts and semantics of ``lorun_fast.reference.operators``:
 
 * **Block CS** (``BlockCS``): x (N, C, H, W), any H, W ≥ b (b = 33), implicitly zero-padded at the right and bottom
   to whole b×b blocks; y (N, C, Hb, Wb, m); Φ (m, n = b²). Blocks are read straight from the image layout (no

@@ -1,6 +1,6 @@
 """Fused LoRA convolution (forward and backward) in Triton.
 
-Math (DESIGN.md §2). Base weight ``W (Co, Ci, kh, kw)``, adapter ``A (r, Ci, kh, kw)``, ``B (Co, r)``, scale ``s``.
+Math. Base weight ``W (Co, Ci, kh, kw)``, adapter ``A (r, Ci, kh, kw)``, ``B (Co, r)``, scale ``s``.
 The merged weight is ``W_k = W + s·B·A`` (``A`` flattened to ``r × Ci·kh·kw``) and the layer computes
 
     pre = conv(x, W_k) + bias                       (stride 1, 'same' padding: 1 for 3×3, 0 for 1×1)

@@ -41,7 +41,7 @@ gpu_only = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA de
 
 # All tolerances. float32 modes: max|kernel − ref| ≤ rtol·scale + atol against a float64 reference, where scale is
 # max|ref| for z, dx, dy and Σ|G·Aᵀ(Ax − y)| for dρ (a sum of many signed terms: its rounding error scales with the
-# terms, not with the possibly cancelled total). 16-bit dtypes (DESIGN.md §7):
+# terms, not with the possibly cancelled total). 16-bit dtypes:
 #     max|kernel − ref| ≤ factor·max|torch − ref| + atol·scale,
 # where "torch" is the reference operator evaluated by PyTorch in that dtype.
 TOL = {
