@@ -341,6 +341,8 @@ def _eval_sr(args, device) -> int:
     from lorun_fast.evaluate import ImageResult, output_names
     from lorun_fast.tasks.sr import bicubic_baseline, evaluate_sr, read_hr
 
+    if args.method == "model" and args.checkpoint is None:
+        raise CLIError("--method model needs --checkpoint (or use --method bicubic)")
     images = _image_paths(args.images)
     scale = _sr_scale(args)
     out = None
@@ -349,8 +351,6 @@ def _eval_sr(args, device) -> int:
 
         out = check_output_folder(args.out, ["results.csv"], _earlier_eval_files(Path(args.out)), "--out")
     if args.method == "model":
-        if args.checkpoint is None:
-            raise CLIError("--method model needs --checkpoint (or use --method bicubic)")
         model = _sr_model(args, scale, device)
         _stop_if_interrupted()
         results = evaluate_sr(model, images, scale, device, _dtype(args.dtype), progress=not args.quiet)
@@ -591,18 +591,27 @@ def _restore_cassi(args) -> int:
     return 0
 
 
+def _read_measurement_npy(path):
+    """The array of a ``--measurement`` .npy file (never unpickled), with errors naming it."""
+    import numpy as np
+
+    path = Path(path)
+    if path.is_dir():
+        raise CLIError(f"--measurement {path}: is a folder; expected a .npy file")
+    if not path.is_file():
+        raise CLIError(f"--measurement {path}: file not found")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise CLIError(f"--measurement {path}: is not a readable .npy file ({err})") from err
+
+
 def _load_cassi_measurement(path, operator):
     """A CASSI measurement (H, W + step·(bands − 1)) from a .npy file, checked against the operator."""
     import numpy as np
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"--measurement {path}: file not found")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise CLIError(f"--measurement {path}: is not a readable .npy file ({err})") from err
+    array = _read_measurement_npy(path)
     expected = (operator.mask.shape[0], operator.measurement_width)
     if array.dtype.kind not in "fiu":
         raise CLIError(f"--measurement {path}: holds {array.dtype} data; expected real numbers")
@@ -698,15 +707,7 @@ def _load_measurement(path, operator):
     import numpy as np
     import torch
 
-    path = Path(path)
-    if path.is_dir():
-        raise CLIError(f"--measurement {path}: is a folder; expected a .npy file")
-    if not path.is_file():
-        raise CLIError(f"--measurement {path}: file not found")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise CLIError(f"--measurement {path}: is not a readable .npy file ({err})") from err
+    array = _read_measurement_npy(path)
     m = operator.num_measurements
     expected = f"(Hb, Wb, {m}) block measurements for this Φ"
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":

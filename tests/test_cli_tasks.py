@@ -66,7 +66,7 @@ def test_cassi_checkpoint_is_recognised_by_its_recorded_task(cubes, tmp_path, ca
 @pytest.mark.parametrize("argv, message", [
     (["--task", "cassi", "--method", "x0", "--phi", "x.mat"], "--phi: not an option of the cassi task"),
     (["--task", "cs", "--method", "gap-tv"], "--method gap-tv: the cs task offers model"),
-    (["--task", "sr", "--method", "model"], "--method model: the sr task offers bicubic"),
+    (["--task", "sr", "--method", "model"], "--method model needs --checkpoint (or use --method bicubic)"),
     (["--task", "cassi", "--method", "model"], "--method model needs --checkpoint"),
 ])
 def test_task_options_are_checked(cubes, capsys, argv, message):

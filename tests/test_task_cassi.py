@@ -286,8 +286,12 @@ def test_use_mask_copies_the_batch_mask_into_the_operator():
     crop = torch.rand(16, 16)
     use_mask(operator, crop)
     assert torch.equal(operator.mask, crop)
-    with pytest.raises(ValueError, match=r"\(16, 16\)"):
-        use_mask(operator, torch.rand(8, 8))
+    other = torch.rand(8, 8, dtype=torch.float64)  # another size (evaluation tiles): the buffer is replaced
+    use_mask(operator, other)
+    assert operator.mask.shape == (8, 8) and operator.mask.dtype == torch.float32
+    assert operator.A(torch.rand(1, 28, 8, 8)).shape == (1, 8, 8 + 54)
+    with pytest.raises(ValueError, match="2-D"):
+        use_mask(operator, torch.rand(8))
 
 
 # ------------------------------------------------------------------------------------------------------------------
