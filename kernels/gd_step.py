@@ -211,13 +211,16 @@ def _cs_update_smem(c, ksplit: int, esize: int, write_z: bool, capability) -> in
     config by bench/compile_report.py and its test): the K loop's loads are software-pipelined with num_stages − 1
     buffers each — KSPLIT fp32 partial-sum tiles (BLOCK_M × BLOCK_Q) and the Φ tile (BLOCK_Q × BLOCK_N) — and a
     wgmma B operand (sm_90, 64-row tiles) holds one buffer more. The epilogue needs no shared memory of its own.
-    Exact with ``write_z``; without it only the per-block pass runs, unpipelined (inside a branch), and the figure
-    is an upper bound (the actual need is a reduction scratch of a few KB)."""
+    Exact with ``write_z`` on sm_90; without it only the per-block pass runs, unpipelined (inside a branch), and the
+    figure is an upper bound (the actual need is a reduction scratch of a few KB)."""
     bm, bn, bq = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_Q"]
     bufs = max(1, c.num_stages - 1)
     wgmma = capability[0] == 9 and bm >= 64 and c.num_warps % 4 == 0
+    # Before sm_90 some tiles (16-deep fp32 ones) stage the Φ tile once more for the mma.sync operand layout; counted
+    # for all there, so the figure is an upper bound off sm_90.
+    extra = 1 if wgmma or capability[0] < 9 else 0
     parts = bufs * ksplit * bm * bq * 4
-    phi = (bufs + (1 if wgmma else 0)) * bq * bn * esize if write_z else 0
+    phi = (bufs + extra) * bq * bn * esize if write_z else 0
     return parts + phi
 
 

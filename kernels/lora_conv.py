@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lorun_fast.kernels.settings import (INPUT_PRECISIONS, check_runnable, dot_precision, full_tuning,
-                                         interpreting)
+from lorun_fast.kernels.settings import (INPUT_PRECISIONS, check_runnable, device_limits, dot_precision,
+                                         full_tuning, interpreting)
 
 __all__ = [
     "fused_lora_conv2d",
@@ -129,8 +129,22 @@ def _precision_configs(configs, input_precision):
     return [c for c in configs if any(c is o for o in own)] or own
 
 
+def _capability(named_args):
+    x = named_args.get("x_ptr")
+    return device_limits(getattr(x, "device", None))[0]
+
+
+def _fits_mma_sync(c):
+    # Before sm_90 the MMA is mma.sync, whose A and B fragments both live in registers (wgmma reads B from shared
+    # memory): there, tiles holding more than 48 fragment values per thread spilled (ptxas, sm_80, 255 registers).
+    return c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"]) <= 48 * 32 * c.num_warps
+
+
 def _prune_fwd(configs, named_args, **kwargs):
-    configs = _precision_configs(configs, kwargs.get("INPUT_PRECISION", "tf32"))
+    precision = kwargs.get("INPUT_PRECISION", "tf32")
+    configs = _precision_configs(configs, precision)
+    if precision != "ieee" and _capability(named_args)[0] < 9:
+        configs = [c for c in configs if _fits_mma_sync(c)] or configs[-1:]
     # Tiles wider than the (power-of-two rounded) channel count only load masked zeros.
     kmax, nmax = _pow2_at_least_16(named_args["Ci"]), _pow2_at_least_16(named_args["Co"])
     kept = [c for c in configs if c.kwargs["BLOCK_K"] <= kmax and c.kwargs["BLOCK_N"] <= nmax]
@@ -138,6 +152,11 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 
 def _prune_dw(configs, named_args, **kwargs):
+    if kwargs.get("INPUT_PRECISION") == "ieee" and _capability(named_args)[0] < 9:
+        # The FMA dot keeps the whole accumulator in registers before sm_90 (ptxas, sm_80: 64-wide tiles spilled at
+        # 255 registers): at most 8 accumulators per thread there.
+        configs = [c for c in configs if c.kwargs["BLOCK_CO"] * c.kwargs["BLOCK_CI"] <= 8 * 32 * c.num_warps] \
+            or configs[-1:]
     cimax, comax = _pow2_at_least_16(named_args["Ci"]), _pow2_at_least_16(named_args["Co"])
     kept = [c for c in configs if c.kwargs["BLOCK_CI"] <= cimax and c.kwargs["BLOCK_CO"] <= comax]
     return kept or configs[-1:]
