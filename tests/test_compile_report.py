@@ -63,22 +63,33 @@ def test_no_kept_config_exceeds_shared_memory(report):
 
 def test_no_spills_at_the_default_precisions(report):
     """What the tuner can pick at the benchmark shapes in tf32 / bf16 (and the fp32 row kernels, which have no
-    dots), and the conv's ieee forward, whose own config list exists to avoid the tf32 tiles' spills."""
-    gated = [r for r in report["rows"] if r["bench_shape"] and (r["default_precision"] or r["family"] == "conv")]
+    dots) compiles without any spill."""
+    gated = [r for r in report["rows"] if r["bench_shape"] and r["default_precision"] and r["ok"]]
     assert gated
     spilling = [f"{_label(r)}: {r['regs']} registers, {r['spill_stores']} B spill stores"
-                for r in gated if r["ok"] and (r["spill_stores"] or r["spill_loads"])]
+                for r in gated if r["spill_stores"] or r["spill_loads"]]
     assert not spilling, "configs that spill:\n" + "\n".join(spilling)
+
+
+def test_no_register_pressure_spills_in_the_ieee_conv(report):
+    """The conv's ieee (FMA) forward has its own config list so that its tiles fit in registers (the tf32 tiles
+    spilled up to 91 KB there). ptxas may still spill a few bytes far under 255 registers because of an allocator
+    option a triton release passes it; ``spill_stores_plain`` (ptxas with no options) tells those apart."""
+    rows = [r for r in _rows(report, family="conv", precision="ieee") if r["ok"]]
+    assert rows
+    spilling = [f"{_label(r)}: {r['regs']} registers, {r['spill_stores']} B ({r['spill_stores_plain']} B plain)"
+                for r in rows if r["spill_stores"] and r["spill_stores_plain"] != 0]
+    assert not spilling, "ieee configs that spill under register pressure:\n" + "\n".join(spilling)
 
 
 def test_shared_memory_models_match_the_compiler(report):
     """Pruners that model shared memory (the CS update kernel: it grows with the split of the first GEMM) must
-    count exactly what Triton allocates, or more where they document an upper bound."""
+    count exactly what Triton allocates on sm_90, or more where they document an upper bound."""
     modelled = [r for r in report["rows"] if r.get("smem_model") is not None and r["ok"]]
     assert modelled
     wrong = []
     for r in modelled:
-        exact = r["constexprs"].get("WRITE_Z", True)
+        exact = r["constexprs"].get("WRITE_Z", True) and r["arch"] == 90
         if (r["smem_model"] != r["shared"]) if exact else (r["smem_model"] < r["shared"]):
             wrong.append(f"{_label(r)}: model {r['smem_model']:,} B, compiled {r['shared']:,} B")
     assert not wrong, "shared-memory model off:\n" + "\n".join(wrong)
