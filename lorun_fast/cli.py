@@ -126,7 +126,7 @@ def _operator(args, checkpoint=None, adapters=None):
         agrees = None if ratio is None else round(ratio) == round(100 * given.ratio)
     if agrees is False and not args.force_task:
         raise CLIError(f"{given_flag} contradicts {source}, which records the task {json.dumps(recorded)}; drop the "
-                       f"task options to use the recorded one, or add --force-task to run it on this task anyway")
+                       f"--ratio/--phi to use the recorded one, or add --force-task to use yours anyway")
     if agrees is False:
         warnings.warn(f"{given_flag} is not the task {source} records ({json.dumps(recorded)}); using {given_flag} "
                       f"as --force-task asks")

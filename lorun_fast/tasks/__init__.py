@@ -6,7 +6,7 @@ Each module (``cs``, ``cassi``, ``sr``) defines ``TASK``, an object with:
 - ``record(config)``: the task record a training run writes into its checkpoints (files, ratios, mask, ...);
 - ``operator(record)`` / ``training_operator(record, config)``: the degradation operator for evaluation and for
   the training crops;
-- ``backbone_kwargs(backbone, kwargs)``: the backbone's channels for this task's images (1 for gray, 28 bands);
+- ``backbone_kwargs(backbone, kwargs)``: the backbone's input channels (1 for gray images, 28 for CASSI cubes);
 - ``sampler(config)``: training batches, a pure function of ``(seed, step)``;
 - ``rank_slice(batch, rank, world_size)`` and ``loss(model, train_model, batch, device, bf16)``;
 - ``validate(model, paths, device)``: the task's evaluation protocol on held-out files (``ImageResult`` rows);
