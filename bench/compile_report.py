@@ -131,8 +131,14 @@ def sr_cases(scales=SR_SCALES, precisions=("fp32", "bf16"), passes=("fwd", "bwd"
             for s in scales for prec in precisions for p in passes for nb in batches]
 
 
+def bicubic_cases(scales=(2, 3, 4), precisions=("fp32", "bf16"), passes=("fwd", "bwd"), batches=GD_BATCHES):
+    return [Case("bicubic", f"×{s} C{SR_CHANNELS} bicubic {SR_HW - SR_HW % s}² N{nb} {prec} {p}", (s, prec, p, nb),
+                 prec, True)
+            for s in scales for prec in precisions for p in passes for nb in batches]
+
+
 def full_cases():
-    return conv_cases() + cs_cases() + cassi_cases() + sr_cases()
+    return conv_cases() + cs_cases() + cassi_cases() + sr_cases() + bicubic_cases()
 
 
 def quick_cases():
@@ -146,7 +152,8 @@ def quick_cases():
             + cs_cases(ratios=(0.50,), precisions=("tf32",), algorithms=("one_gemm",), passes=("fwd",),
                        batches=(16,))
             + cassi_cases(precisions=("fp32",), passes=("fwd",), batches=(16,))
-            + sr_cases(scales=(2,), precisions=("fp32",), passes=("fwd", "bwd"), batches=(16,)))
+            + sr_cases(scales=(2,), precisions=("fp32",), passes=("fwd", "bwd"), batches=(16,))
+            + bicubic_cases(scales=(4,), precisions=("fp32",), passes=("fwd", "bwd"), batches=(16,)))
 
 
 # ---- generators (run inside a worker, after the kernels are imported compiled-mode) ----
@@ -233,8 +240,24 @@ def _gen_sr(s, prec, pas, nb):
         gd.sr_backward(x, kern, rho, r, s, True, True, True)
 
 
-GENERATORS: dict[str, Callable] = {"conv": _gen_conv, "cs": _gen_cs, "cassi": _gen_cassi, "sr": _gen_sr}
-KERNEL_MODULES = ("lorun_fast.kernels.lora_conv", "lorun_fast.kernels.gd_step")
+def _gen_bicubic(s, prec, pas, nb):
+    import torch
+    from lorun_fast.kernels import gd_step_bicubic as gb
+    dt = _dtype(prec)
+    hw = SR_HW - SR_HW % s
+    x = torch.empty(nb, SR_CHANNELS, hw, hw, device="meta", dtype=dt)
+    y = torch.empty(nb, SR_CHANNELS, hw // s, hw // s, device="meta", dtype=dt)
+    rho = torch.empty((), device="meta", dtype=dt)
+    if pas == "fwd":
+        gb.bicubic_forward(x, y, rho, s)
+    else:
+        r = torch.empty(nb, SR_CHANNELS, hw // s, hw // s, device="meta", dtype=torch.float32)
+        gb.bicubic_backward(x, rho, r, s, True, True, True)
+
+
+GENERATORS: dict[str, Callable] = {"conv": _gen_conv, "cs": _gen_cs, "cassi": _gen_cassi, "sr": _gen_sr,
+                                   "bicubic": _gen_bicubic}
+KERNEL_MODULES = ("lorun_fast.kernels.lora_conv", "lorun_fast.kernels.gd_step", "lorun_fast.kernels.gd_step_bicubic")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -722,7 +745,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="worker processes (each compile is single-threaded)")
-    ap.add_argument("--family", default=None, help="only these case families (conv,cs,cassi,sr)")
+    ap.add_argument("--family", default=None, help="only these case families (conv,cs,cassi,sr,bicubic)")
     ap.add_argument("--match", default=None, help="only cases whose name contains this text")
     ap.add_argument("--list", action="store_true", help="list the cases and their kept configs; compile nothing")
     args = ap.parse_args(argv)

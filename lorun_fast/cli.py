@@ -84,6 +84,16 @@ def _add_task_options(parser) -> None:
                        help="use --ratio/--phi even where the checkpoint records another task (prints a warning)")
 
 
+def _add_degradation_options(group, default_prefix: str = "default ") -> None:
+    group.add_argument("--degradation", choices=("bicubic", "gaussian"),
+                       help=f"how the LR image is made: MATLAB bicubic (the SR benchmarks') or Gaussian blur + "
+                            f"decimation, circular boundaries ({default_prefix}bicubic)")
+    group.add_argument("--blur-sigma", type=_positive(float),
+                       help=f"gaussian: the blur's σ in HR pixels ({default_prefix}1.6)")
+    group.add_argument("--blur-size", type=_positive(int),
+                       help=f"gaussian: the odd side of the blur kernel ({default_prefix}2·ceil(3σ) + 1)")
+
+
 def _same_operator(a, b) -> bool:
     import torch
 
@@ -216,7 +226,9 @@ METHODS = {"cs": ("model",), "cassi": ("model", "x0", "gap-tv"), "sr": ("model",
 _TASK_OPTIONS = (("--ratio", "ratio", "cs"), ("--phi", "phi", "cs"), ("--qinit", "qinit", "cs"),
                  ("--force-task", "force_task", "cs"), ("--mask", "mask", "cassi"), ("--tiles", "tiles", "cassi"),
                  ("--cube-key", "cube_key", "cassi"), ("--cube-layout", "cube_layout", "cassi"),
-                 ("--gap-iterations", "gap_iterations", "cassi"), ("--scale", "scale", "sr"))
+                 ("--gap-iterations", "gap_iterations", "cassi"), ("--scale", "scale", "sr"),
+                 ("--degradation", "degradation", "sr"), ("--blur-sigma", "blur_sigma", "sr"),
+                 ("--blur-size", "blur_size", "sr"))
 
 
 def _defaults(command: str) -> dict:
@@ -327,15 +339,46 @@ def _sr_scale(args) -> int:
     return args.scale or recorded_scale or 4
 
 
-def _sr_model(args, scale: int, device):
-    from lorun_fast.reference.bicubic import BicubicSR
+_DEGRADATION_OPTIONS = (("--degradation", "degradation"), ("--blur-sigma", "blur_sigma"), ("--blur-size", "blur_size"))
 
-    return _load(args, BicubicSR(scale)).to(device=device, dtype=_dtype(args.dtype)).eval()
+
+def _sr_degradation(args):
+    """The degradation of the checkpoint (a --degradation/--blur-* contradicting it is refused), else the one the
+    options describe (default MATLAB bicubic), at ``_sr_scale``."""
+    from lorun_fast.checkpoints import task_of
+    from lorun_fast.tasks.sr import SRDegradation
+
+    scale = _sr_scale(args)
+    recorded = task_of(args.checkpoint) if args.checkpoint else None
+    if recorded is not None:
+        found = SRDegradation.from_record(recorded)
+        values = {"degradation": found.kind, "blur_sigma": found.sigma if found.kind == "gaussian" else None,
+                  "blur_size": found.size if found.kind == "gaussian" else None}
+        for option, dest in _DEGRADATION_OPTIONS:
+            given = getattr(args, dest)
+            if given is not None and given != values[dest]:
+                raise CLIError(f"{option} {given}: {args.checkpoint} is a model of {found.describe()}")
+        return found
+    try:
+        return SRDegradation(scale, args.degradation or "bicubic", args.blur_sigma, args.blur_size)
+    except ValueError as err:
+        raise CLIError(_option_words(str(err))) from err
+
+
+def _option_words(message: str) -> str:
+    """A message naming fields (``blur_sigma: ...``) spoken in options (``--blur-sigma: ...``)."""
+    for option, dest in _DEGRADATION_OPTIONS:
+        message = re.sub(rf"\b{dest}\b", option, message)
+    return message
+
+
+def _sr_model(args, degradation, device):
+    return _load(args, degradation.operator()).to(device=device, dtype=_dtype(args.dtype)).eval()
 
 
 def _eval_sr(args, device) -> int:
-    """SR: the SR literature's protocol (MATLAB bicubic degradation, Y channel, shave = scale), for the bicubic
-    baseline or a model."""
+    """SR: the SR literature's protocol (MATLAB bicubic degradation, or the Gaussian one; Y channel, shave =
+    scale), for the bicubic baseline or a model."""
     import time
 
     from lorun_fast.evaluate import ImageResult, output_names
@@ -344,21 +387,23 @@ def _eval_sr(args, device) -> int:
     if args.method == "model" and args.checkpoint is None:
         raise CLIError("--method model needs --checkpoint (or use --method bicubic)")
     images = _image_paths(args.images)
-    scale = _sr_scale(args)
+    degradation = _sr_degradation(args)
+    scale = degradation.scale
     out = None
     if args.out:
         from lorun_fast.io import check_output_folder
 
         out = check_output_folder(args.out, ["results.csv"], _earlier_eval_files(Path(args.out)), "--out")
     if args.method == "model":
-        model = _sr_model(args, scale, device)
+        model = _sr_model(args, degradation, device)
         _stop_if_interrupted()
-        results = evaluate_sr(model, images, scale, device, _dtype(args.dtype), progress=not args.quiet)
+        results = evaluate_sr(model, images, scale, device, _dtype(args.dtype), progress=not args.quiet,
+                              degradation=degradation)
     else:
         results = []
         for name, path in zip(output_names(images), images):
             start = time.perf_counter()
-            scores = bicubic_baseline(path, scale)
+            scores = bicubic_baseline(path, scale, degradation=degradation)
             height, width = read_hr(path).shape[:2]
             results.append(ImageResult(name, height, width, scores.psnr, scores.ssim, time.perf_counter() - start))
     _print_results(args, results, out)
@@ -426,7 +471,8 @@ def cmd_restore(args) -> int:
         return _restore_cassi(args)
     if task == "sr":
         return _restore_sr(args)
-    for option, dest in (("--mask", "mask"), ("--plot", "plot"), ("--preview", "preview"), ("--scale", "scale")):
+    for option, dest in (("--mask", "mask"), ("--plot", "plot"), ("--preview", "preview"), ("--scale", "scale"),
+                         *_DEGRADATION_OPTIONS):
         if getattr(args, dest) is not None:
             raise CLIError(f"{option}: not an option of the cs task")
     if args.degrade:
@@ -513,6 +559,9 @@ def _restore_cassi(args) -> int:
         raise CLIError("--size: not an option of the cassi task (the cube has the mask's size)")
     if args.scale is not None or args.degrade:
         raise CLIError("--scale/--degrade: not options of the cassi task")
+    for option, dest in _DEGRADATION_OPTIONS:
+        if getattr(args, dest) is not None:
+            raise CLIError(f"{option}: not an option of the cassi task")
     if args.method == "model" and args.checkpoint is None:
         raise CLIError("--method model needs --checkpoint (or use --method x0 / gap-tv)")
     preview = Path(args.preview) if args.preview else out.with_suffix(".png")
@@ -628,13 +677,14 @@ def _load_cassi_measurement(path, operator):
 
 
 def _restore_sr(args) -> int:
-    """SR: an LR image (or, with --degrade, an HR image degraded here by MATLAB bicubic) → the ×scale image as
-    SR papers display it (the model's Y, bicubic Cb/Cr), with PSNR/SSIM on Y against the HR when it is known."""
+    """SR: an LR image (or, with --degrade, an HR image degraded here: the model's degradation, MATLAB bicubic by
+    default) → the ×scale image as SR papers display it (the model's Y, bicubic Cb/Cr), with PSNR/SSIM on Y
+    against the HR when it is known."""
     import time
 
     from lorun_fast.io import check_not_inputs, check_writable_folder
-    from lorun_fast.tasks.sr import (_check_hr_for_scale, colour_sr, degrade_bicubic, modcrop, read_hr,
-                                     reconstruct_y, sr_scores, upscale_bicubic, y_channel)
+    from lorun_fast.tasks.sr import (colour_sr, modcrop, read_hr, reconstruct_y, sr_scores, upscale_bicubic,
+                                     y_channel)
 
     if args.measurement is not None:
         raise CLIError("--measurement: the sr task takes an --image (LR, or HR with --degrade)")
@@ -652,17 +702,18 @@ def _restore_sr(args) -> int:
     if Path(args.out).is_dir():
         raise CLIError(f"--out {args.out}: is a folder; expected a file name")
     check_writable_folder(Path(args.out).parent, f"--out {args.out}: its folder")
-    scale = _sr_scale(args)
+    degradation = _sr_degradation(args)
+    scale = degradation.scale
     device = _device(args.device)
     image = read_hr(args.image)
     hr = None
     if args.degrade:
         hr = modcrop(image, scale)
         try:
-            _check_hr_for_scale(hr, scale, "--image")
+            degradation.check_hr(hr, "--image")
         except ValueError as err:
             raise CLIError(f"--image {args.image}: {err}") from err
-        lr = degrade_bicubic(hr, scale)
+        lr = degradation.degrade(hr)
     else:
         lr = image
         if args.original:
@@ -674,7 +725,7 @@ def _restore_sr(args) -> int:
                                + ("" if lr.ndim == hr.ndim else "; and one is gray, the other colour"))
     start = time.perf_counter()
     if args.method == "model":
-        model = _sr_model(args, scale, device)
+        model = _sr_model(args, degradation, device)
         _stop_if_interrupted()
         sr = colour_sr(lr, reconstruct_y(model, lr, scale, device, _dtype(args.dtype)), scale)
     else:
@@ -838,7 +889,8 @@ TRAIN_FIELDS = {
     "min_lr_ratio": "min_lr_ratio", "warmup": "warmup_steps", "weight_decay": "weight_decay",
     "grad_clip": "grad_clip", "seed": "seed", "precision": "precision", "backend": "backend",
     "log_every": "log_every", "checkpoint_every": "checkpoint_every", "adapter_name": "adapter_name",
-    "task": "task_name", "mask": "mask", "exclude": "exclude", "scale": "scale",
+    "task": "task_name", "mask": "mask", "exclude": "exclude", "scale": "scale", "degradation": "degradation",
+    "blur_sigma": "blur_sigma", "blur_size": "blur_size",
 }
 
 
@@ -888,8 +940,10 @@ def _train_config(args):
         raise CLIError(f"{', '.join(cs_only)}: not an option of the {args.task} task")
     if args.task != "cassi" and cassi_only:
         raise CLIError(f"{', '.join(cassi_only)}: not an option of the {args.task} task")
-    if args.task != "sr" and args.scale is not None:
-        raise CLIError(f"--scale: not an option of the {args.task} task")
+    sr_only = [option for option, dest in (("--scale", "scale"), *_DEGRADATION_OPTIONS)
+               if getattr(args, dest) is not None]
+    if args.task != "sr" and sr_only:
+        raise CLIError(f"{', '.join(sr_only)}: not an option of the {args.task} task")
     if args.base is not None:
         backbone, kwargs = _base_options(args)
     else:
@@ -910,6 +964,7 @@ def _train_config(args):
         rank=args.rank, gamma=10.0 if args.gamma is None else args.gamma, alpha=args.alpha,
         targets=list(_split(args.targets)) or ["*"], per_stage=list(_split(args.per_stage)), task_name=args.task,
         ratio=ratio, phi=args.phi, qinit=args.qinit, mask=args.mask, exclude=exclude, scale=args.scale or 4,
+        degradation=args.degradation or "bicubic", blur_sigma=args.blur_sigma, blur_size=args.blur_size,
         gaussian_seed=args.gaussian, base=args.base, base_phase=args.base_phase, steps=args.steps,
         phase1_steps=args.phase1_steps, train_images=args.train_images, val_images=args.val_images,
         val_every=args.val_every, val_limit=args.val_limit, crop=args.crop or task.default_crop,
@@ -1079,7 +1134,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--blocks", type=_number(int, 0), help="resunet residual blocks per level (default 1)")
     _add_lora_options(g)
     tr.add_argument("--task", choices=("cs", "cassi", "sr"), default="cs", help="the restoration task")
-    tr.add_argument("--scale", type=int, choices=(2, 3, 4), help="sr: the bicubic scale (default 4)")
+    g = tr.add_argument_group("sr task")
+    g.add_argument("--scale", type=int, choices=(2, 3, 4), help="the SR scale (default 4)")
+    _add_degradation_options(g)
     g = tr.add_argument_group("cassi task")
     g.add_argument("--mask", help="coded-aperture mask .mat (default $LORUN_DATA/cassi/mask.mat)")
     g.add_argument("--exclude", help="comma-separated scene names of --train-images left out of training "
@@ -1158,6 +1215,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = ev.add_argument_group("sr task")
     g.add_argument("--scale", type=int, choices=(2, 3, 4), help="super-resolution factor (default: the "
                    "checkpoint's, else 4)")
+    _add_degradation_options(g, "default: the checkpoint's, else ")
     ev.add_argument("--out", help="folder for reconstructions (PNG) and results.csv: new, empty or an earlier "
                     "evaluation's (never the --images folder; nothing else in it is overwritten)")
     ev.add_argument("--device", help=device_help)
@@ -1185,8 +1243,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "never one of the inputs")
     g = rs.add_argument_group("sr task")
     g.add_argument("--scale", type=int, choices=(2, 3, 4), help="default: the checkpoint's, else 4")
-    g.add_argument("--degrade", action="store_true", help="--image is an HR image: degrade it here (MATLAB "
-                   "bicubic) and report PSNR/SSIM against it")
+    g.add_argument("--degrade", action="store_true", help="--image is an HR image: degrade it here (the "
+                   "--degradation) and report PSNR/SSIM against it")
+    _add_degradation_options(g, "default: the checkpoint's, else ")
     g = rs.add_argument_group("cassi task")
     g.add_argument("--mask", help="coded-aperture mask .mat (default: the checkpoint's, else the shared one)")
     g.add_argument("--preview", help="false-colour PNG of the reconstruction (default: --out with .png)")

@@ -1,16 +1,17 @@
 """Fast degradation operators: the reference operators with ``gd_step`` computed by the fused Triton kernels.
 
-``FastBlockCS``, ``FastCASSI`` and ``FastSuperResolution`` subclass ``BlockCS``, ``CASSI`` and ``SuperResolution``
-(``lorun_fast.reference.operators``): A, A_adjoint, init, default_step and every check are the reference's; only
-``gd_step`` changes, and only when the kernels apply. ``backend`` chooses:
+``FastBlockCS``, ``FastCASSI``, ``FastSuperResolution`` and ``FastBicubicSR`` subclass ``BlockCS``, ``CASSI``,
+``SuperResolution`` (``lorun_fast.reference.operators``) and ``BicubicSR`` (``lorun_fast.reference.bicubic``): A,
+A_adjoint, init, default_step and every check are the reference's; only ``gd_step`` changes, and only when the
+kernels apply. ``backend`` chooses:
 
 - ``"reference"``: always the reference ``gd_step`` (plain PyTorch).
 - ``"triton"``: always the fused kernels (``lorun_fast.kernels.gd_step``); errors if they cannot run the inputs
   (e.g. float64, or CPU tensors without ``TRITON_INTERPRET=1``). The CPU interpreter tests use this.
 - ``"auto"`` (default): the module-level ``BACKEND`` decides; when that is ``"auto"`` too, the kernels run for CUDA
   tensors of a supported dtype (float32, bfloat16, float16) with y of x's dtype and device, a step that is a number
-  or a one-element tensor on x's device, and an operator buffer (Φ, mask, blur kernel) on that device that does not
-  need a gradient; the reference runs everything else (CPU tensors, float64, mixed dtypes, ...).
+  or a one-element tensor on x's device, and an operator buffer (Φ, mask, blur kernel; the bicubic operator has
+  none) on that device that does not need a gradient; the reference runs everything else (CPU tensors, float64, mixed dtypes, ...).
 
 ``fast_operator(op)`` turns a reference operator into its fast sibling sharing the same buffers (no copies);
 ``reference_operator(op)`` goes back. The kernels module is imported on first use, so importing this module neither
@@ -22,9 +23,10 @@ import copy
 
 import torch
 
+from lorun_fast.reference.bicubic import BicubicSR
 from lorun_fast.reference.operators import CASSI, BlockCS, Operator, SuperResolution
 
-__all__ = ["FastBlockCS", "FastCASSI", "FastSuperResolution", "fast_operator", "reference_operator",
+__all__ = ["FastBlockCS", "FastCASSI", "FastSuperResolution", "FastBicubicSR", "fast_operator", "reference_operator",
            "has_fast_sibling", "BACKEND", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "reference")
@@ -40,6 +42,11 @@ def _kernels():
     return gd_step
 
 
+def _bicubic_kernels():
+    from lorun_fast.kernels import gd_step_bicubic  # noqa: PLC0415 (lazy, as above)
+    return gd_step_bicubic
+
+
 def _check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
@@ -51,7 +58,7 @@ class _FastMixin:
 
     backend: str
 
-    def _use_kernels(self, x, y, rho, buffer: torch.Tensor) -> bool:
+    def _use_kernels(self, x, y, rho, buffer: torch.Tensor | None) -> bool:
         backend = _check_backend(self.backend)
         if backend == "auto":
             backend = _check_backend(BACKEND)
@@ -62,7 +69,8 @@ class _FastMixin:
         return (isinstance(x, torch.Tensor) and x.is_cuda and x.dtype in _KERNEL_DTYPES
                 and isinstance(y, torch.Tensor) and y.dtype == x.dtype and y.device == x.device
                 and (not isinstance(rho, torch.Tensor) or (rho.device == x.device and rho.numel() == 1))
-                and buffer.device == x.device and not (buffer.requires_grad and torch.is_grad_enabled()))
+                and (buffer is None
+                     or (buffer.device == x.device and not (buffer.requires_grad and torch.is_grad_enabled()))))
 
     def _fast_repr(self) -> str:
         return f", backend={self.backend!r}"
@@ -124,7 +132,24 @@ class FastSuperResolution(_FastMixin, SuperResolution):
         return super().extra_repr() + self._fast_repr()
 
 
-_FAST = {BlockCS: FastBlockCS, CASSI: FastCASSI, SuperResolution: FastSuperResolution}
+class FastBicubicSR(_FastMixin, BicubicSR):
+    """``BicubicSR`` whose ``gd_step`` runs ``gd_step_bicubic`` (two launches through gather tables; see
+    ``lorun_fast.kernels.gd_step_bicubic``). Extra argument: ``backend``."""
+
+    def __init__(self, scale: int, *, backend: str = "auto"):
+        super().__init__(scale)
+        self.backend = _check_backend(backend)
+
+    def gd_step(self, x: torch.Tensor, y: torch.Tensor, rho) -> torch.Tensor:
+        if not self._use_kernels(x, y, rho, None):
+            return super().gd_step(x, y, rho)
+        return _bicubic_kernels().gd_step_bicubic(x, y, rho, scale=self.scale)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._fast_repr()
+
+
+_FAST = {BlockCS: FastBlockCS, CASSI: FastCASSI, SuperResolution: FastSuperResolution, BicubicSR: FastBicubicSR}
 _REFERENCE = {fast: ref for ref, fast in _FAST.items()}
 _FAST_ATTRS = ("backend", "algorithm", "input_precision")
 
@@ -140,8 +165,7 @@ def _retyped(op: Operator, cls: type) -> Operator:
 
 
 def has_fast_sibling(op: Operator) -> bool:
-    """Whether ``op`` has a fused gradient step (block CS, CASSI, Gaussian-blur SR); the bicubic SR operator's step
-    is two small separable matrix products and stays as it is."""
+    """Whether ``op`` has a fused gradient step (block CS, CASSI, Gaussian-blur SR, bicubic SR)."""
     return type(op) in _FAST or type(op) in _REFERENCE
 
 
@@ -162,7 +186,7 @@ def fast_operator(op: Operator, *, backend: str = "auto", algorithm: str = "auto
     elif type(op) in _FAST:
         new = _retyped(op, _FAST[type(op)])
     else:
-        raise TypeError(f"op: expected a BlockCS, CASSI or SuperResolution operator (or a fast one), got "
+        raise TypeError(f"op: expected a BlockCS, CASSI, SuperResolution or BicubicSR operator (or a fast one), got "
                         f"{type(op).__name__}")
     new.backend = backend
     if isinstance(new, FastBlockCS):
@@ -177,7 +201,7 @@ def reference_operator(op: Operator) -> Operator:
     if type(op) in _FAST:
         return op
     if type(op) not in _REFERENCE:
-        raise TypeError(f"op: expected a BlockCS, CASSI or SuperResolution operator (or a fast one), got "
+        raise TypeError(f"op: expected a BlockCS, CASSI, SuperResolution or BicubicSR operator (or a fast one), got "
                         f"{type(op).__name__}")
     new = _retyped(op, _REFERENCE[type(op)])
     for name in _FAST_ATTRS:

@@ -94,8 +94,11 @@ class TrainConfig:
     # cassi: the mask file (default: the shared one) and training-folder scenes left out (held out for testing)
     mask: str | None = None
     exclude: list = field(default_factory=list)
-    # sr: the bicubic scale
+    # sr: the scale and the degradation ("bicubic", or "gaussian" blur of blur_sigma on blur_size² + decimation)
     scale: int = 4
+    degradation: str = "bicubic"
+    blur_sigma: float | None = None
+    blur_size: int | None = None
     # lorun: the base (phase 1) — trained here for phase1_steps, or read from a checkpoint
     base: str | None = None
     base_phase: int | None = None

@@ -256,8 +256,9 @@ def test_sr_train_resume_eval_restore(hr_images, tmp_path, capsys):
 
 
 def test_sr_fused_model_matches_reference():
-    """to_fast on an SR LoRun DUN: Triton convolutions (interpreter on a CPU), the bicubic step as it is."""
+    """to_fast on an SR LoRun DUN: Triton convolutions and the fused bicubic step (interpreter on a CPU)."""
     from lorun_fast import FusedLoRunConv, to_fast
+    from lorun_fast.operators import FastBicubicSR
     from lorun_fast.reference.bicubic import BicubicSR
 
     torch.manual_seed(4)
@@ -271,8 +272,37 @@ def test_sr_fused_model_matches_reference():
     expected = model.double()(y.double(), (24, 20))
     fast = to_fast(model, backend="triton", input_precision="ieee").to(torch.float32)
     assert "triton" in {m.backend for m in fast.modules() if isinstance(m, FusedLoRunConv)}
+    assert isinstance(fast.operator, FastBicubicSR) and fast.operator.backend == "triton"
     out = fast(y, (24, 20))
     assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-4
+
+
+def test_sr_gaussian_degradation_train_eval_restore(hr_images, tmp_path, capsys):
+    """The Gaussian blur + decimation option: recorded by training, used by eval and restore, and a contradicting
+    option is refused."""
+    from lorun_fast.checkpoints import task_of
+
+    folder, test = hr_images
+    run = tmp_path / "g"
+    assert _sr_train(folder, run, "--degradation", "gaussian", "--blur-sigma", "1.2") == 0, capsys.readouterr().err
+    model = run / "model.safetensors"
+    assert task_of(model) == {"task": "sr", "scale": 4, "degradation": "gaussian", "blur_sigma": 1.2,
+                              "blur_size": 9}
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(model), "--images", str(test), "--quiet"]) == 0
+    assert "c " in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(model), "--images", str(test), "--degradation", "bicubic"]) == 2
+    assert "--degradation bicubic: " in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(model), "--images", str(test), "--blur-sigma", "2"]) == 2
+    assert "is a model of Gaussian blur σ = 1.2 (9×9, circular)" in capsys.readouterr().err
+    assert main(["restore", "--checkpoint", str(model), "--image", str(test / "c.png"), "--degrade", "--out",
+                 str(tmp_path / "c.png")]) == 0
+    assert "PSNR" in capsys.readouterr().out
+    assert main(["eval", "--task", "sr", "--method", "bicubic", "--degradation", "gaussian", "--blur-size", "4",
+                 "--images", str(test)]) == 2
+    assert "--blur-size: expected an odd positive int, got 4" in capsys.readouterr().err
+    assert main(["train", "--task", "cassi", "--out", str(tmp_path / "x"), "--blur-sigma", "1"]) == 2
+    assert "--blur-sigma: not an option of the cassi task" in capsys.readouterr().err
 
 
 def test_sr_bad_input(hr_images, tmp_path, capsys):

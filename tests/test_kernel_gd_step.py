@@ -23,6 +23,8 @@ from lorun_fast import operators as fops  # noqa: E402
 from lorun_fast.io import data_root  # noqa: E402
 from lorun_fast.kernels import gd_step as gs  # noqa: E402
 from lorun_fast.kernels.gd_step import gd_step_cassi, gd_step_cs, gd_step_sr  # noqa: E402
+from lorun_fast.kernels.gd_step_bicubic import gd_step_bicubic  # noqa: E402
+from lorun_fast.reference.bicubic import BicubicSR  # noqa: E402
 from lorun_fast.reference.operators import (  # noqa: E402
     CASSI, BlockCS, SuperResolution, gaussian_kernel, load_mat_array)
 
@@ -158,6 +160,10 @@ def cassi_fn(op):
 
 def sr_fn(op):
     return lambda x, y, rho: gd_step_sr(x, y, op.kernel.to(x.device), rho, scale=op.scale)
+
+
+def bicubic_fn(op):
+    return lambda x, y, rho: gd_step_bicubic(x, y, rho, scale=op.scale)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -316,11 +322,36 @@ def test_sr_matches_reference_with_gradients(scale, kh, kw, n, c, hl, wl):
     check_against_reference(op, sr_fn(op), case)
 
 
+@pytest.mark.parametrize("scale,n,c,hl,wl", [
+    (2, 2, 1, 5, 7),     # 10×14 HR: mirrored taps on every side
+    (3, 1, 2, 4, 5),     # ×3: zero weights inside the kernel (k(±1) = 0) shorten the tables
+    (4, 1, 1, 4, 6),     # 16×24: the smallest ×4 height, every LR row touches a border
+    (4, 1, 1, 9, 4),     # tall and odd: a row tile tail and a width below the kernel's reach of both borders
+])
+def test_bicubic_matches_reference_with_gradients(scale, n, c, hl, wl):
+    op = BicubicSR(scale)
+    case = make_case(op, (n, c, hl * scale, wl * scale), seed=scale * 200 + hl)
+    check_against_reference(op, bicubic_fn(op), case)
+
+
+def test_bicubic_strided_input():
+    """x as a column slice of a wider tensor (non-contiguous) and y transposed in memory."""
+    op = BicubicSR(2)
+    case = make_case(op, (2, 3, 12, 10), seed=91)
+    want = op.gd_step(case["x"], case["y"], 0.6)
+    wide = torch.cat([case["x"], torch.full_like(case["x"], float("nan"))], dim=-1).float().to(DEVICE)
+    x = wide[..., :10]
+    y = case["y"].float().transpose(-1, -2).contiguous().transpose(-1, -2).to(DEVICE)
+    assert not x.is_contiguous() and not y.is_contiguous()
+    got = gd_step_bicubic(x, y, 0.6, scale=2)
+    assert_fp32("z", got.double().cpu(), want, want.abs().max().item())
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 16-bit inputs: judged against PyTorch's own error at the same precision
 # --------------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("which", ["cs_two_gemm", "cs_one_gemm", "cassi", "sr"])
+@pytest.mark.parametrize("which", ["cs_two_gemm", "cs_one_gemm", "cassi", "sr", "bicubic"])
 def test_bfloat16_against_torch_error(which):
     if which.startswith("cs"):
         op = _gaussian_cs(0.25, 3)
@@ -328,9 +359,12 @@ def test_bfloat16_against_torch_error(which):
     elif which == "cassi":
         op = CASSI(torch.rand(6, 20, generator=_gen(8), dtype=torch.float64), 28, 2)
         case, fn = make_case(op, (1, 28, 6, 20), seed=42), cassi_fn(op)
-    else:
+    elif which == "sr":
         op = SuperResolution(gaussian_kernel(5, 1.1), 2)
         case, fn = make_case(op, (1, 2, 10, 12), seed=43), sr_fn(op)
+    else:
+        op = BicubicSR(2)
+        case, fn = make_case(op, (1, 2, 10, 12), seed=44), bicubic_fn(op)
     check_half(op, fn, case, torch.bfloat16)
 
 
@@ -366,7 +400,8 @@ def test_empty_batch():
     cs = _gaussian_cs(0.25, 3)
     for op, fn, shape in ((cs, cs_fn(cs), (0, 1, 40, 40)),
                           (CASSI(torch.rand(4, 6, dtype=torch.float64), 3, 2), None, (0, 3, 4, 6)),
-                          (SuperResolution(gaussian_kernel(3, 1.0), 2), None, (0, 2, 4, 6))):
+                          (SuperResolution(gaussian_kernel(3, 1.0), 2), None, (0, 2, 4, 6)),
+                          (BicubicSR(2), bicubic_fn(BicubicSR(2)), (0, 1, 8, 10))):
         fn = fn or (cassi_fn(op) if isinstance(op, CASSI) else sr_fn(op))
         x = torch.zeros(shape, device=DEVICE).requires_grad_()
         y = op.A(torch.zeros(shape, dtype=torch.float64)).float().to(DEVICE)
@@ -388,6 +423,13 @@ def test_opcheck_custom_ops():
     rho = torch.tensor(0.5, device=DEVICE)
     r = torch.randn(1, 1, 2, 3, device=DEVICE)
     torch.library.opcheck(torch.ops.lorun_fast.gd_step_sr_backward.default, (x, k, rho, r, 2, True, True, True))
+    xb, yb = torch.randn(1, 1, 8, 10, device=DEVICE), torch.randn(1, 1, 4, 5, device=DEVICE)
+    for requires_grad in (False, True):
+        args = (xb.clone().requires_grad_(requires_grad), yb.clone().requires_grad_(requires_grad),
+                torch.tensor(0.5, device=DEVICE, requires_grad=requires_grad), 2)
+        torch.library.opcheck(torch.ops.lorun_fast.gd_step_bicubic.default, args)
+    torch.library.opcheck(torch.ops.lorun_fast.gd_step_bicubic_backward.default,
+                          (xb, rho, torch.randn(1, 1, 4, 5, device=DEVICE), 2, True, True, True))
     cassi_mask = torch.rand(3, 4, device=DEVICE)
     torch.library.opcheck(torch.ops.lorun_fast.gd_step_cassi.default,
                           (torch.randn(1, 2, 3, 4, device=DEVICE), torch.randn(1, 3, 5, device=DEVICE), cassi_mask,
@@ -442,7 +484,8 @@ def test_fast_operators_match_reference_gd_step():
     cs = _gaussian_cs(0.25, 3)
     cassi = CASSI(torch.rand(5, 9, generator=_gen(12), dtype=torch.float64), 3, 2)
     sr = SuperResolution(gaussian_kernel(3, 0.9), 2)
-    for ref_op, shape in ((cs, (1, 1, 34, 40)), (cassi, (1, 3, 5, 9)), (sr, (1, 2, 6, 8))):
+    for ref_op, shape in ((cs, (1, 1, 34, 40)), (cassi, (1, 3, 5, 9)), (sr, (1, 2, 6, 8)),
+                          (BicubicSR(3), (1, 2, 12, 15))):
         fast = fops.fast_operator(ref_op, backend="triton", input_precision="ieee").to(DEVICE)
         assert type(fast).__name__ == "Fast" + type(ref_op).__name__ and isinstance(fast, type(ref_op))
         case = make_case(ref_op, shape, seed=sum(shape))
@@ -575,6 +618,29 @@ def test_sr_bad_inputs(change, exc, match):
         gd_step_sr(args["x"], args["y"], args["kernel"], args["rho"], scale=args["scale"])
 
 
+def _bicubic_args():
+    return dict(x=torch.randn(1, 3, 8, 12), y=torch.randn(1, 3, 4, 6), rho=0.5, scale=2)
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(scale=5), ValueError, r"scale: bicubic SR supports the integer scales \(2, 3, 4\), got 5"),
+    (dict(scale=2.0), ValueError, "scale: bicubic SR supports"),
+    (dict(x=torch.randn(1, 3, 9, 12)), ValueError, "x: image 9×12 is not a multiple of the scale 2"),
+    (dict(x=torch.randn(1, 3, 6, 12), y=torch.randn(1, 3, 3, 6)), ValueError,
+     r"x: image 6×12 is smaller than the ×1/2 bicubic kernel's support \(8×8\)"),
+    (dict(y=torch.randn(1, 3, 4, 5)), ValueError, "y: expected the measurement shape"),
+    (dict(y=torch.randn(1, 3, 4, 6, device="meta")), ValueError, "y: on device meta"),
+    (dict(x=torch.randn(1, 3, 8, 12).half()), TypeError, "y: dtype torch.float32 does not match"),
+    (dict(x=torch.randn(1, 3, 8, 12, dtype=torch.float64)), TypeError, "x: dtype torch.float64 is not supported"),
+    (dict(rho=torch.ones(2)), ValueError, "rho: expected a scalar"),
+])
+def test_bicubic_bad_inputs(change, exc, match):
+    args = _bicubic_args()
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        gd_step_bicubic(args["x"], args["y"], args["rho"], scale=args["scale"])
+
+
 def test_backward_without_saved_residual_is_refused():
     """Calling the op directly with save_residual=False cannot give dρ; the error says so (gd_step_cs sets it)."""
     x = torch.randn(1, 1, 33, 33, device=DEVICE)
@@ -631,6 +697,18 @@ def test_gpu_sr_realistic(scale, k):
     case = make_case(op, (2, 3, size, size), seed=75 + k)
     check_against_reference(op, sr_fn(op), case)
     check_half(op, sr_fn(op), case, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_gpu_bicubic_realistic(scale):
+    op = BicubicSR(scale)
+    size = 256 - 256 % scale
+    case = make_case(op, (2, 3, size, size), seed=80 + scale)
+    check_against_reference(op, bicubic_fn(op), case)
+    check_half(op, bicubic_fn(op), case, torch.bfloat16)
+    check_against_reference(op, bicubic_fn(op), make_case(op, (1, 1, 20 * scale, 33 * scale), seed=84 + scale))
 
 
 @pytest.mark.gpu

@@ -18,8 +18,9 @@ from PIL import Image
 
 from lorun_fast.metrics import ssim_gaussian
 from lorun_fast.reference import BicubicSR, Operator, imresize, imresize_matrix
-from lorun_fast.tasks.sr import (bicubic_baseline, degrade_bicubic, matlab_imresize_uint8, modcrop, read_hr,
-                                 sr_scores, upscale_bicubic, y_channel)
+from lorun_fast.reference import SuperResolution
+from lorun_fast.tasks.sr import (SRDegradation, bicubic_baseline, degrade_bicubic, matlab_imresize_uint8, modcrop,
+                                 read_hr, sr_scores, upscale_bicubic, y_channel)
 
 # Keys' cubic (a = −0.5) at the distances that occur for ×2: k(1/4) = 111/128, k(3/4) = 29/128,
 # k(5/4) = −9/128, k(7/4) = −3/128 (e.g. k(1/4) = 1.5/64 − 2.5/16 + 1).
@@ -336,6 +337,68 @@ def test_protocol_errors():
         sr_scores(y[:-1], y, 2)
     with pytest.raises(ValueError, match="smaller than the 11"):
         sr_scores(y[:16, :16], y[:16, :16], 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Gaussian blur + decimation degradation
+# ----------------------------------------------------------------------------------------------------------------
+def test_gaussian_degradation_by_hand():
+    """σ and the support resolve as documented; the LR is the operator on the 8-bit HR, rounded half away from
+    zero and saturated; a constant image stays constant (the kernel sums to 1, circular boundaries)."""
+    degradation = SRDegradation(2, "gaussian", 0.7)
+    assert degradation.size == 2 * math.ceil(2.1) + 1 == 7
+    assert SRDegradation(3, "gaussian").record() == {"scale": 3, "degradation": "gaussian", "blur_sigma": 1.6,
+                                                     "blur_size": 11}
+    assert SRDegradation.from_record(degradation.record()) == SRDegradation(2, "gaussian", 0.7, 7)
+    assert SRDegradation.from_record({"task": "sr", "scale": 3}) == SRDegradation(3)
+    operator = degradation.operator()
+    assert isinstance(operator, SuperResolution) and operator.scale == 2 and operator.kernel.shape == (7, 7)
+    t = np.arange(7) - 3.0
+    g = np.exp(-(t[:, None] ** 2 + t[None, :] ** 2) / (2 * 0.7 ** 2))
+    np.testing.assert_allclose(operator.kernel.numpy(), g / g.sum(), rtol=1e-12)
+
+    rng = np.random.default_rng(3)
+    hr = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    lr = degradation.degrade(hr)
+    assert lr.dtype == np.uint8 and lr.shape == (6, 5, 3)
+    # One LR pixel by hand: the kernel centred on HR pixel (2·1, 2·2), wrapping at the borders.
+    k = g / g.sum()
+    rows, cols = (np.arange(7) - 3 + 2) % 12, (np.arange(7) - 3 + 4) % 10
+    value = float((k * hr[np.ix_(rows, cols, [1])][..., 0]).sum())
+    assert lr[1, 2, 1] == math.floor(value + 0.5)
+    assert np.all(degradation.degrade(np.full((12, 10), 77, dtype=np.uint8)) == 77)
+
+
+def test_gaussian_degradation_errors():
+    with pytest.raises(ValueError, match="blur_sigma: expected a finite number > 0"):
+        SRDegradation(2, "gaussian", -1.0)
+    with pytest.raises(ValueError, match="blur_size: expected an odd positive int, got 6"):
+        SRDegradation(2, "gaussian", 1.0, 6)
+    with pytest.raises(ValueError, match="options of the gaussian degradation, not of bicubic"):
+        SRDegradation(2, "bicubic", 1.0)
+    with pytest.raises(ValueError, match="degradation: expected one of"):
+        SRDegradation(2, "box")
+    with pytest.raises(ValueError, match=r"\(2, 3, 4\).*5"):
+        SRDegradation(5, "gaussian")
+    degradation = SRDegradation(4, "gaussian", 2.0, 13)
+    with pytest.raises(ValueError, match="not a multiple of the scale 4"):
+        degradation.degrade(np.zeros((16, 18), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"smaller than the 13×13 blur kernel's reach \(7 pixels\)"):
+        degradation.degrade(np.zeros((4, 16), dtype=np.uint8))
+
+
+def test_gaussian_baseline_on_a_file(tmp_path):
+    """The bicubic baseline on a Gaussian LR: scored by the same protocol, below the bicubic-LR baseline (the
+    LR was blurred harder and decimated without the half-pixel centring of imresize)."""
+    rng = np.random.default_rng(5)
+    small = (rng.random((12, 12)) * 255).astype(np.uint8)
+    path = tmp_path / "g.png"
+    Image.fromarray(small).resize((48, 48), Image.BICUBIC).save(path)
+    plain = bicubic_baseline(path, 2)
+    blurred = bicubic_baseline(path, 2, degradation=SRDegradation(2, "gaussian"))
+    assert math.isfinite(blurred.psnr) and blurred.psnr < plain.psnr
+    with pytest.raises(ValueError, match="a ×3 degradation for scale 2"):
+        bicubic_baseline(path, 2, degradation=SRDegradation(3, "gaussian"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

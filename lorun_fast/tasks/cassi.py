@@ -867,6 +867,8 @@ class CassiTask:
         need(config.backbone == "resunet", f"backbone: the cassi task uses the resunet backbone, got "
                                            f"{config.backbone!r}")
         need(config.crop <= 256, f"crop: expected at most the mask's 256, got {config.crop}")
+        need(config.degradation == "bicubic" and config.blur_sigma is None and config.blur_size is None,
+             "degradation, blur_sigma, blur_size: only the sr task has them")
 
     def validate(self, model, paths, device: str, config) -> list[ImageResult]:
         return evaluate_cassi(reconstructor(model), paths, load_mask(config.mask), device=device)

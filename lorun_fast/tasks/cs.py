@@ -135,6 +135,8 @@ class CSTask:
         need(config.gaussian_seed is None or config.ratio is not None, "gaussian_seed: needs a ratio")
         need(config.qinit is None or config.phi is not None, "qinit: needs phi")
         need(config.mask is None and not config.exclude, "mask, exclude: only the cassi task has them")
+        need(config.degradation == "bicubic" and config.blur_sigma is None and config.blur_size is None,
+             "degradation, blur_sigma, blur_size: only the sr task has them")
 
     def validate(self, model, paths, device: str, config):
         from lorun_fast.evaluate import evaluate_cs

@@ -44,10 +44,20 @@ cannot tell the remaining details apart, all of these stay within 0.03 dB / 0.00
 The float Y of ``rgb_to_y`` is kept because the Python SR evaluation code (BasicSR, SwinIR) uses it, so
 networks scored here compare with their published numbers; per-pass rounding is kept because it is what MATLAB
 does.
+
+**Gaussian blur + decimation** (:class:`SRDegradation` with ``kind="gaussian"``) is the other degradation: the
+USRNet-style ``y = (k ∗ x)↓s`` of ``lorun_fast.reference.SuperResolution`` with an isotropic Gaussian ``k``
+(σ = 1.6 and a 2⌈3σ⌉ + 1 square support unless given), circular boundaries and plain decimation (every s-th
+pixel from the first). Its LR test images are that operator applied to the 8-bit HR in float64 and rounded to
+8 bits; the Y channel, shave and scores are the protocol above, and the "bicubic" baseline is MATLAB bicubic
+upscaling of that LR. No published table exists for it (every paper picks its own kernels), so it serves
+experiments with a known blur rather than comparison with the benchmark numbers.
 """
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -58,12 +68,18 @@ from lorun_fast.io import read_rgb, rgb_to_y
 from lorun_fast.metrics import SSIM_GAUSSIAN_WIN_SIZE, psnr, ssim_gaussian
 from lorun_fast.reference.bicubic import SUPPORTED_SCALES, imresize_matrix
 
-__all__ = ["SRScores", "SUPPORTED_SCALES", "TASK", "SRTask", "evaluate_sr", "reconstruct_y", "sr_input", "colour_sr",
+__all__ = ["SRScores", "SUPPORTED_SCALES", "DEGRADATIONS", "SRDegradation", "TASK", "SRTask", "evaluate_sr",
+           "reconstruct_y", "sr_input", "colour_sr",
            "bicubic_baseline", "degrade_bicubic", "matlab_imresize_uint8",
            "modcrop", "read_hr", "shave", "sr_scores", "upscale_bicubic", "y_channel"]
 
 # Kernel support of MATLAB's bicubic: 4 pixels at the low resolution, i.e. 4·s HR pixels when downscaling.
 _KERNEL_WIDTH = 4
+
+#: The SR degradations: MATLAB bicubic (the benchmarks') and Gaussian blur + decimation (circular boundaries).
+DEGRADATIONS = ("bicubic", "gaussian")
+#: The Gaussian blur's default standard deviation in HR pixels.
+DEFAULT_BLUR_SIGMA = 1.6
 
 
 class SRScores(NamedTuple):
@@ -254,24 +270,127 @@ def read_hr(path: str | os.PathLike) -> np.ndarray:
     return rgb
 
 
+@dataclass(frozen=True)
+class SRDegradation:
+    """How an HR image becomes the LR one: ``kind`` "bicubic" (MATLAB ``imresize``, the benchmarks') or
+    "gaussian" (blur with an isotropic Gaussian of ``blur_sigma`` HR pixels on a ``blur_size``² support, circular
+    boundaries, then every ``scale``-th pixel). ``blur_sigma`` / ``blur_size`` belong to "gaussian" only; left
+    ``None`` they are 1.6 and 2⌈3σ⌉ + 1."""
+
+    scale: int = 4
+    kind: str = "bicubic"
+    blur_sigma: float | None = None
+    blur_size: int | None = None
+
+    def __post_init__(self):
+        _check_scale(self.scale)
+        if self.kind not in DEGRADATIONS:
+            raise ValueError(f"degradation: expected one of {DEGRADATIONS}, got {self.kind!r}")
+        if self.kind == "bicubic":
+            if self.blur_sigma is not None or self.blur_size is not None:
+                raise ValueError("blur_sigma, blur_size: options of the gaussian degradation, not of bicubic")
+            return
+        sigma = self.sigma
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"blur_sigma: expected a finite number > 0, got {self.blur_sigma!r}")
+        size = self.size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
+            raise ValueError(f"blur_size: expected an odd positive int, got {self.blur_size!r}")
+
+    @property
+    def sigma(self) -> float:
+        return DEFAULT_BLUR_SIGMA if self.blur_sigma is None else self.blur_sigma
+
+    @property
+    def size(self) -> int:
+        return 2 * math.ceil(3 * self.sigma) + 1 if self.blur_size is None else self.blur_size
+
+    @classmethod
+    def from_record(cls, record: dict | None) -> "SRDegradation":
+        """The degradation a checkpoint's task record names (records without one are bicubic ×4 or ×scale)."""
+        record = record or {}
+        kind = record.get("degradation", "bicubic")
+        scale = int(record.get("scale", 4))
+        if kind == "gaussian":
+            return cls(scale, kind, float(record["blur_sigma"]), int(record["blur_size"]))
+        return cls(scale, kind)
+
+    def record(self) -> dict:
+        """The part of a task record that names this degradation (sizes resolved, so a record is explicit)."""
+        if self.kind == "gaussian":
+            return {"scale": self.scale, "degradation": "gaussian", "blur_sigma": self.sigma, "blur_size": self.size}
+        return {"scale": self.scale, "degradation": "bicubic"}
+
+    def describe(self) -> str:
+        if self.kind == "gaussian":
+            return (f"Gaussian blur σ = {self.sigma:g} ({self.size}×{self.size}, circular) + ×1/{self.scale} "
+                    "decimation")
+        return f"MATLAB bicubic ×1/{self.scale}"
+
+    def operator(self):
+        """The DUN's degradation operator: ``BicubicSR`` or ``SuperResolution`` with the Gaussian kernel."""
+        if self.kind == "gaussian":
+            from lorun_fast.reference.operators import SuperResolution, gaussian_kernel
+
+            return SuperResolution(gaussian_kernel(self.size, self.sigma), self.scale)
+        from lorun_fast.reference.bicubic import BicubicSR
+
+        return BicubicSR(self.scale)
+
+    def min_size(self) -> int:
+        """The smallest HR side the operator is defined on."""
+        if self.kind == "gaussian":
+            return max(self.scale, self.size // 2 + 1)
+        return _KERNEL_WIDTH * self.scale
+
+    def check_hr(self, hr: np.ndarray, name: str) -> None:
+        """``hr`` (a modcropped (H, W[, C]) image) is a multiple of the scale and large enough for the kernel."""
+        if self.kind == "bicubic":
+            _check_hr_for_scale(hr, self.scale, name)
+            return
+        h, w = hr.shape[:2]
+        if h % self.scale or w % self.scale:
+            raise ValueError(f"{name}: image {h}×{w} is not a multiple of the scale {self.scale}; modcrop it first")
+        if min(h, w) < self.min_size():
+            raise ValueError(f"{name}: image {h}×{w} is smaller than the {self.size}×{self.size} blur kernel's "
+                             f"reach ({self.min_size()} pixels)")
+
+    def degrade(self, hr_uint8: np.ndarray) -> np.ndarray:
+        """The LR test image of an 8-bit HR (modcropped), as uint8."""
+        hr = _check_uint8_image(hr_uint8, "hr_uint8")
+        self.check_hr(hr, "hr_uint8")
+        if self.kind == "bicubic":
+            return degrade_bicubic(hr, self.scale)
+        import torch
+
+        planes = hr[..., None] if hr.ndim == 2 else hr
+        x = torch.from_numpy(np.ascontiguousarray(planes.transpose(2, 0, 1), dtype=np.float64))[None]
+        lr = self.operator().A(x)[0].numpy().transpose(1, 2, 0)
+        lr = _round_saturate_uint8(lr)
+        return lr[..., 0] if hr.ndim == 2 else lr
+
+
 def bicubic_baseline(hr_path: str | os.PathLike, scale: int,
-                     lr_path: str | os.PathLike | None = None) -> SRScores:
+                     lr_path: str | os.PathLike | None = None, degradation: SRDegradation | None = None) -> SRScores:
     """Scores of the bicubic baseline on one HR test image, following the module's protocol.
 
-    The LR is :func:`degrade_bicubic` of the modcropped HR unless ``lr_path`` gives a stored LR image, which
-    must then be exactly ``1/scale`` of the modcropped HR.
+    The LR is ``degradation``'s (default: :func:`degrade_bicubic`) of the modcropped HR unless ``lr_path`` gives
+    a stored LR image, which must then be exactly ``1/scale`` of the modcropped HR.
     """
     scale = _check_scale(scale)
+    degradation = degradation or SRDegradation(scale)
+    if degradation.scale != scale:
+        raise ValueError(f"degradation: a ×{degradation.scale} degradation for scale {scale}")
     hr_path = Path(hr_path)
     if not hr_path.exists():
         raise FileNotFoundError(f"HR image not found: '{hr_path}'")
     hr = modcrop(read_hr(hr_path), scale)
     try:
-        _check_hr_for_scale(hr, scale, "hr")
+        degradation.check_hr(hr, "hr")
     except ValueError as err:
         raise ValueError(f"'{hr_path}': {err}") from err
     if lr_path is None:
-        lr = degrade_bicubic(hr, scale)
+        lr = degradation.degrade(hr)
     else:
         lr = read_hr(lr_path)
         if lr.ndim != hr.ndim:
@@ -308,13 +427,18 @@ def reconstruct_y(model, lr_uint8: np.ndarray, scale: int, device="cpu", dtype=N
     return np.rint(np.clip(x[0, 0].double().cpu().numpy() * 255.0, 0.0, 255.0))
 
 
-def evaluate_sr(model, paths, scale: int, device="cpu", dtype=None, progress: bool = False):
-    """The SR protocol with a model: modcrop the HR, LR by MATLAB bicubic (8-bit), reconstruct Y from the LR's Y,
-    score against the HR's Y with ``scale`` pixels shaved. One ``ImageResult`` per image."""
+def evaluate_sr(model, paths, scale: int, device="cpu", dtype=None, progress: bool = False,
+                degradation: SRDegradation | None = None):
+    """The SR protocol with a model: modcrop the HR, make the 8-bit LR (``degradation``, default MATLAB
+    bicubic), reconstruct Y from the LR's Y, score against the HR's Y with ``scale`` pixels shaved. One
+    ``ImageResult`` per image."""
     import time
 
     from lorun_fast.evaluate import ImageResult, output_names
 
+    degradation = degradation or SRDegradation(scale)
+    if degradation.scale != scale:
+        raise ValueError(f"degradation: a ×{degradation.scale} degradation for scale {scale}")
     paths = list(paths)
     names = output_names(paths)
     iterator = zip(names, paths)
@@ -326,10 +450,10 @@ def evaluate_sr(model, paths, scale: int, device="cpu", dtype=None, progress: bo
     for name, path in iterator:
         hr = modcrop(read_hr(path), scale)
         try:
-            _check_hr_for_scale(hr, scale, "hr")
+            degradation.check_hr(hr, "hr")
         except ValueError as err:
             raise ValueError(f"'{path}': {err}") from err
-        lr = degrade_bicubic(hr, scale)
+        lr = degradation.degrade(hr)
         start = time.perf_counter()
         try:
             sr_y = reconstruct_y(model, lr, scale, device, dtype)
@@ -359,23 +483,29 @@ def colour_sr(lr_uint8: np.ndarray, sr_y: np.ndarray, scale: int) -> np.ndarray:
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
-class SRTask:
-    """Bicubic ×2/×3/×4 super-resolution of the Y channel (gray training images are their own Y).
+def degradation_of(config) -> SRDegradation:
+    """The degradation a training configuration asks for (``scale``, ``degradation``, ``blur_sigma``,
+    ``blur_size``)."""
+    return SRDegradation(int(config.scale), config.degradation, config.blur_sigma, config.blur_size)
 
-    Record: ``{"task": "sr", "scale": s, "degradation": "bicubic"}``. Training LR images are made on the fly with
-    the same bicubic operator and rounded to 8-bit levels, as the test LR images are.
+
+class SRTask:
+    """×2/×3/×4 super-resolution of the Y channel (gray training images are their own Y), with MATLAB bicubic or
+    Gaussian blur + decimation as the degradation.
+
+    Record: ``{"task": "sr", "scale": s, "degradation": "bicubic"}`` (or ``"gaussian"`` with ``blur_sigma`` and
+    ``blur_size``). Training LR images are made on the fly with the same operator and rounded to 8-bit levels, as
+    the test LR images are.
     """
 
     name = "sr"
     default_crop = 96
 
     def record(self, config) -> dict:
-        return {"task": self.name, "scale": int(config.scale), "degradation": "bicubic"}
+        return {"task": self.name, **degradation_of(config).record()}
 
     def operator(self, record: dict):
-        from lorun_fast.reference.bicubic import BicubicSR
-
-        return BicubicSR(int(record.get("scale", 4)))
+        return SRDegradation.from_record(record).operator()
 
     def training_operator(self, record: dict, config):
         return self.operator(record)
@@ -398,9 +528,13 @@ class SRTask:
         need(config.phi is None and config.qinit is None and config.gaussian_seed is None and config.mask is None
              and not config.exclude, "phi, qinit, gaussian_seed, mask, exclude: not options of the sr task")
         need(config.scale in SUPPORTED_SCALES, f"scale: expected one of {SUPPORTED_SCALES}, got {config.scale!r}")
-        need(config.crop % config.scale == 0 and config.crop >= _KERNEL_WIDTH * config.scale,
-             f"crop: expected a multiple of the scale {config.scale} of at least {_KERNEL_WIDTH * config.scale}, "
-             f"got {config.crop}")
+        try:
+            degradation = degradation_of(config)
+        except ValueError as err:
+            need(False, str(err))
+        least = degradation.min_size()
+        need(config.crop % config.scale == 0 and config.crop >= least,
+             f"crop: expected a multiple of the scale {config.scale} of at least {least}, got {config.crop}")
 
     def sampler(self, config):
         from lorun_fast.tasks.cs import PatchSampler
@@ -429,7 +563,7 @@ class SRTask:
         return list_images(folder)
 
     def validate(self, model, paths, device: str, config):
-        return evaluate_sr(model, paths, config.scale, device)
+        return evaluate_sr(model, paths, config.scale, device, degradation=degradation_of(config))
 
 
 TASK = SRTask()
