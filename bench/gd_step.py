@@ -1,4 +1,4 @@
-"""One gradient-descent step ``z = x − ρ·Aᵀ(A x − y)``, fused vs eager, for the three operators.
+"""One gradient-descent step ``z = x − ρ·Aᵀ(A x − y)``, fused vs eager, for the four operators.
 
     python bench/gd_step.py                 # GPU: batch 1 and 16 × 256² and 512² × fp32/TF32 and bf16 (forward),
                                             #      forward+backward at batch 16, 256²
@@ -18,17 +18,19 @@ Operators (``lorun_fast.reference``; the same ones ``bench/run.py`` builds):
   image size when present, else a seeded uniform random mask.
 - ``sr``: super-resolution ×2, 7×7 Gaussian blur (σ = 1.6, ``gaussian_kernel(7, 1.6)``, as ``bench/run.py``),
   circular boundaries, C = 3 (RGB). One scale keeps the grid modest; ×4 only changes the LR side (1/16 of x).
+- ``bicubic``: super-resolution ×2 with MATLAB's bicubic ``imresize`` (``BicubicSR``), C = 3.
 
 Providers per op:
 
 - ``eager``: the reference ``Operator.gd_step`` (CS: pad + unfold copy, two matmuls, fold copy; CASSI: a Python
   loop of 2·28 shifted band ops for A and 28 for Aᵀ, then a stack; SR: circular pad + depthwise conv + slice, then
-  zero-fill upsampling + pad + conv).
+  zero-fill upsampling + pad + conv; bicubic: four dense matrix products).
 - ``ista-mm`` (CS only): ISTA-Net's formulation ``x_b − ρ·(x_b @ ΦᵀΦ) + ρ·(y_b @ Φ)`` on the (blocks × 1089)
   matrix, with ``PhiTPhi = ΦᵀΦ`` and ``PhiTb = y @ Φ`` formed inside every call (ISTA-Net forms them once per
   network forward and reuses them over its phases; here one call is one step), and the unfold/fold copies it needs
   (``ista_mm_step``).
-- ``fused-two-gemm`` / ``fused-one-gemm`` (CS), ``fused`` (CASSI, SR): ``lorun_fast.kernels.gd_step`` (CUDA only).
+- ``fused-two-gemm`` / ``fused-one-gemm`` (CS), ``fused`` (CASSI, SR): ``lorun_fast.kernels.gd_step``; ``fused``
+  (bicubic): ``lorun_fast.kernels.gd_step_bicubic`` (CUDA only).
   One-GEMM's Gram matrix ΦᵀΦ is cached per Φ by the kernel module (formed on the first call, not timed).
 
 Passes: ``forward`` (inference, under ``torch.no_grad()``) and ``forward+backward`` (training: ``torch.autograd.grad``
@@ -64,13 +66,15 @@ from typing import Callable, Sequence
 import torch
 
 import harness
-from lorun_fast.reference import CASSI, BlockCS, SuperResolution, gaussian_kernel
+from lorun_fast.reference import CASSI, BicubicSR, BlockCS, SuperResolution, gaussian_kernel
+from lorun_fast.reference.bicubic import imresize_matrix
 
 REPO = Path(__file__).resolve().parents[1]
-OPS = ("cs", "cassi", "sr")
+OPS = ("cs", "cassi", "sr", "bicubic")
 OP_PROVIDERS = {"cs": ("eager", "ista-mm", "fused-two-gemm", "fused-one-gemm"),
                 "cassi": ("eager", "fused"),
-                "sr": ("eager", "fused")}
+                "sr": ("eager", "fused"),
+                "bicubic": ("eager", "fused")}
 PROVIDERS = ("eager", "ista-mm", "fused-two-gemm", "fused-one-gemm", "fused")
 CUDA_ONLY = ("fused-two-gemm", "fused-one-gemm", "fused")
 PASSES = ("forward", "forward+backward")
@@ -118,6 +122,7 @@ def element_counts(op: str, batch: int, side: int, *, m: int = 272, block: int =
         cs:     x = N·H·W (C = 1);  y = N·⌈H/b⌉·⌈W/b⌉·m;        a = m·b² (Φ)
         cassi:  x = N·Λ·H·W;        y = N·H·(W + d·(Λ − 1));    a = H·W (the mask)
         sr:     x = N·C·H·W;        y = N·C·(H/s)·(W/s);         a = k² (the blur kernel)
+        bicubic: as sr, a = 0 (the fused step's gather tables are a few KB per image size, L2-resident)
     """
     if op == "cs":
         hb = math.ceil(side / block)
@@ -125,9 +130,9 @@ def element_counts(op: str, batch: int, side: int, *, m: int = 272, block: int =
     if op == "cassi":
         return {"x": batch * bands * side * side, "y": batch * side * (side + step * (bands - 1)),
                 "a": side * side}
-    if op == "sr":
+    if op in ("sr", "bicubic"):
         return {"x": batch * channels * side * side, "y": batch * channels * (side // scale) ** 2,
-                "a": ksize * ksize}
+                "a": ksize * ksize if op == "sr" else 0}
     raise ValueError(f"op: expected one of {OPS}, got {op!r}")
 
 
@@ -180,6 +185,13 @@ def flop_count(op: str, provider: str, pass_: str, batch: int, side: int, *, m: 
                         + 2·k²·P [conv of the zero-filled upsampled r] + 2·P
         fused:  forward 2·k²·P/s² [residual at LR] + P/s² + 2·⌈k/s⌉²·P [polyphase Aᵀ] + 2·P
 
+    Bicubic SR (MATLAB ``imresize``: per axis an (L × n) matrix M, L = n/s; T = taps per LR output, TA = LR outputs
+    per HR pixel, from the fused step's gather tables):
+
+        eager:  forward 2·L·H·W + 2·L·W·L [M_H x M_Wᵀ] + P/s² + 2·H·L·L + 2·H·L·W [M_Hᵀ r M_W] + 2·P, per plane
+                (dense matrix products: every output sums over the whole axis)
+        fused:  forward (2·T_W + 2)·T_H·P/s² [gathered residual] + P/s² + (2·TA_W + 2)·TA_H·P [gathered Aᵀ] + 2·P
+
     forward+backward = 2 × forward (the backward applies the same A and Aᵀ once more: dx = G − ρ·AᵀA G, and
     dy = ρ·A G, dρ = −⟨A G, r⟩ reuse its A G; their O(|y|) terms are not counted), except ista-mm, whose ΦᵀΦ is
     formed once per call: 2 × forward − 2·n²·m.
@@ -220,7 +232,28 @@ def flop_count(op: str, provider: str, pass_: str, batch: int, side: int, *, m: 
         else:
             raise ValueError(f"provider: {provider!r} is not an SR provider")
         return fwd if fwd_pass else 2 * fwd
+    if op == "bicubic":
+        planes = batch * channels
+        p = planes * side * side
+        lr = side // scale
+        pl = planes * lr * lr
+        if provider == "eager":
+            fwd = planes * (2 * lr * side * side + 2 * lr * side * lr + 2 * side * lr * lr + 2 * side * lr * side)
+            fwd += pl + 2 * p
+        elif provider == "fused":
+            taps, adjoint_taps = bicubic_taps(side, scale)
+            fwd = (2 * taps + 2) * taps * pl + pl + (2 * adjoint_taps + 2) * adjoint_taps * p + 2 * p
+        else:
+            raise ValueError(f"provider: {provider!r} is not a bicubic provider")
+        return fwd if fwd_pass else 2 * fwd
     raise ValueError(f"op: expected one of {OPS}, got {op!r}")
+
+
+def bicubic_taps(side: int, scale: int) -> tuple[int, int]:
+    """(T, TA): the widest row and column support of the ×1/scale bicubic matrix of one axis (what the fused step's
+    gather tables hold; counted from the matrix so that the import of the kernels is not needed)."""
+    support = imresize_matrix(side, out_length=side // scale) != 0
+    return int(support.sum(dim=1).max()), int(support.sum(dim=0).max())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -261,11 +294,13 @@ def make_operator(op: str, side: int):
     if op == "sr":
         return (SuperResolution(gaussian_kernel(SR_KSIZE, SR_SIGMA), scale=SR_SCALE),
                 f"{SR_KSIZE}×{SR_KSIZE} Gaussian σ={SR_SIGMA}, ×{SR_SCALE}")
+    if op == "bicubic":
+        return BicubicSR(SR_SCALE), f"MATLAB bicubic ×1/{SR_SCALE}"
     raise ValueError(f"op: expected one of {OPS}, got {op!r}")
 
 
 def op_channels(op: str) -> int:
-    return {"cs": 1, "cassi": CASSI_BANDS, "sr": SR_CHANNELS}[op]
+    return {"cs": 1, "cassi": CASSI_BANDS, "sr": SR_CHANNELS, "bicubic": SR_CHANNELS}[op]
 
 
 @dataclass
@@ -343,6 +378,9 @@ def make_provider(name: str, prob: Problem, precision: str) -> Provider:
                                                                        num_bands=op.num_bands))
     if prob.op_name == "sr" and name == "fused":
         return Provider(name, lambda x, y, rho: kernels.gd_step_sr(x, y, op.kernel, rho, scale=op.scale))
+    if prob.op_name == "bicubic" and name == "fused":
+        from lorun_fast.kernels.gd_step_bicubic import gd_step_bicubic
+        return Provider(name, lambda x, y, rho: gd_step_bicubic(x, y, rho, scale=op.scale))
     raise ValueError(f"provider: expected one of {OP_PROVIDERS[prob.op_name]} for op {prob.op_name!r}, "
                      f"got {name!r}")
 
@@ -574,13 +612,13 @@ def _run_shape(device, gpu, hbm, op, names, passes, side, nb, dtype_name, sizes:
 
 def format_table(rows: list[dict]) -> str:
     """A fixed-width table: one line per row; times p50 [p20, p80] ms; t/eager = this p50 over eager's p50."""
-    head = (f"{'op':<6}{'provider':<15}{'pass':<8}{'C':>3}{'HxW':>8}{'N':>4} {harness.MEASUREMENT_HEADER}"
+    head = (f"{'op':<8}{'provider':<15}{'pass':<8}{'C':>3}{'HxW':>8}{'N':>4} {harness.MEASUREMENT_HEADER}"
             f"{'t/eager':>8}  status")
     lines = [head, "-" * len(head)]
     for r in rows:
         size = f"{r['height']}x{r['width']}"
         lines.append(
-            f"{r['op']:<6}{r['provider']:<15}{harness.pass_label(r['pass']):<8}{r['channels']:>3}{size:>8}"
+            f"{r['op']:<8}{r['provider']:<15}{harness.pass_label(r['pass']):<8}{r['channels']:>3}{size:>8}"
             f"{r['batch']:>4} {harness.measurement_cells(r, '.4f')}"
             f"{harness.fmt_ratio(r['t_over_eager']):>8}  {r['status']}")
     return "\n".join(lines)
@@ -589,7 +627,8 @@ def format_table(rows: list[dict]) -> str:
 def notes_for(device: torch.device, hbm: dict | None, rows: list[dict]) -> list[str]:
     sources = sorted({r["operator"] for r in rows if r.get("operator")})
     notes = ["Step z = x − ρ·Aᵀ(A x − y). cs: 33×33 blocks, m = 272 (25%), C = 1; cassi: 28 bands, step 2; "
-             f"sr: ×{SR_SCALE}, {SR_KSIZE}×{SR_KSIZE} Gaussian σ={SR_SIGMA}, circular, C = {SR_CHANNELS}. "
+             f"sr: ×{SR_SCALE}, {SR_KSIZE}×{SR_KSIZE} Gaussian σ={SR_SIGMA}, circular, C = {SR_CHANNELS}; "
+             f"bicubic: ×{SR_SCALE} MATLAB imresize, C = {SR_CHANNELS}. "
              f"Operator data: {'; '.join(sources) if sources else '-'}.",
              "Times: interleaved rounds, median of per-round medians [p20, p80]; t/eager = p50 / eager's p50.",
              "bytes_min / flops: see minimal_bytes / flop_count docstrings; %HBM = bytes_min / time / measured copy "

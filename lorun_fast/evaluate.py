@@ -110,10 +110,12 @@ def evaluate_cs(model: DUN, images: list[Path], out_dir: Path | None = None, dev
             raise FloatingPointError(f"{path}: {err}") from err
         seconds = time.perf_counter() - start
         reference = original.astype(np.float64)
-        results.append(ImageResult(name, *original.shape, psnr(x_rec * 255.0, reference),
-                                   ssim(x_rec * 255.0, reference), seconds))
+        row = ImageResult(name, *original.shape, psnr(x_rec * 255.0, reference), ssim(x_rec * 255.0, reference),
+                          seconds)
+        # The image first, then its row: an interruption between the two must not leave a row without its file.
         if out_dir is not None:
             write_png_atomic(Path(out_dir) / f"{name}.png", x_rec)
+        results.append(row)
     return results
 
 

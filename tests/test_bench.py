@@ -294,6 +294,15 @@ def test_gd_step_counts_match_the_notes():
     assert gd_step.flop_count("sr", "fused", "forward", 16, 256) == 98 * 786_432 + 786_432 + 34 * 3_145_728
     assert gd_step.flop_count("sr", "eager", "forward+backward", 16, 256) \
         == 2 * (196 * 3_145_728 + 786_432 + 2 * 3_145_728)
+    # Bicubic ×2: 8 HR taps per LR output and axis (4·s, the antialiased kernel's support), each HR pixel in the
+    # support of 4 LR outputs per axis; dense products sum over whole axes instead.
+    assert gd_step.bicubic_taps(256, 2) == (8, 4) and gd_step.bicubic_taps(256, 4) == (16, 4)
+    assert gd_step.element_counts("bicubic", 16, 256) == {"x": 3_145_728, "y": 786_432, "a": 0}
+    assert gd_step.flop_count("bicubic", "fused", "forward", 16, 256) \
+        == (2 * 8 + 2) * 8 * 786_432 + 786_432 + (2 * 4 + 2) * 4 * 3_145_728 + 2 * 3_145_728
+    assert gd_step.flop_count("bicubic", "eager", "forward", 16, 256) \
+        == 48 * (2 * 128 * 256 * 256 + 2 * 128 * 256 * 128 + 2 * 256 * 128 * 128 + 2 * 256 * 128 * 256) \
+        + 786_432 + 2 * 3_145_728
 
 
 def test_ista_mm_equals_the_reference_step_float64():
