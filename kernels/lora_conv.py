@@ -29,11 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-from lorun_fast.kernels.settings import (INPUT_PRECISIONS, check_runnable, device_limits, dot_precision,
-                                         full_tuning, interpreting)
+from lorun_fast.kernels.settings import (INPUT_PRECISIONS, check_runnable, conv_kernel, device_limits,
+                                         dot_precision, full_tuning, interpreting)
 
 __all__ = [
     "fused_lora_conv2d",
+    "fused_conv2d",
+    "merge_weight",
     "FusedLoRAConv2dFunction",
     "lora_conv2d_forward",
     "lora_conv2d_backward",
@@ -63,11 +65,16 @@ _TUNE = full_tuning()
 # split operands, three times the operand registers; "ieee" becomes FMA loops with the whole accumulator and both
 # operand fragments in registers. Tiles tuned for tf32 spill at 255 registers in the other two (ptxas, sm_90,
 # bench/compile_report.py). The autotuner holds one list, the union; the pruner keeps the precision's own entries.
+def _dw_cfg(bco, bci, warps, stages):
+    return triton.Config({"BLOCK_CO": bco, "BLOCK_CI": bci}, num_warps=warps, num_stages=stages)
+
+
 if _INTERPRET:
     # Autotuning in the interpreter would run every config; 16-wide N/K tiles make the small test channel counts
     # (24, 32) span several tiles, so the tail masks are exercised.
     _FWD_BY_PRECISION = {"tf32": [_cfg(64, 16, 16, 4, 1)]}
     _DW_CONFIGS = [triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16}, num_warps=4, num_stages=1)]
+    _DW_TAPS_CONFIGS = [_dw_cfg(16, 16, 4, 1)]
 elif not _TUNE:
     _FWD_BY_PRECISION = {
         "tf32": [_cfg(64, 16, 16, 4, 2), _cfg(128, 64, 32, 8, 3)],
@@ -76,6 +83,7 @@ elif not _TUNE:
     }
     _DW_CONFIGS = [triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16}, num_warps=4, num_stages=2),
                    triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64}, num_warps=8, num_stages=3)]
+    _DW_TAPS_CONFIGS = [_dw_cfg(16, 16, 4, 2), _dw_cfg(32, 16, 8, 2)]
 else:
     # Short lists: autotuning compiles and times every entry once per key. Each list ends with a 16-wide tile, which
     # the channel pruner keeps for 16 channels. Every entry compiles without spills for C = 16–64, 3×3 and 1×1, with
@@ -115,6 +123,11 @@ else:
         for (bco, bci, w, s) in [(64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3), (32, 64, 8, 3), (32, 32, 4, 2),
                                  (16, 32, 4, 3), (32, 16, 4, 3), (16, 16, 4, 2), (64, 64, 4, 4)]
     ]
+    # The all-taps dW kernel's N is TAPS_PAD·BLOCK_CI (16·BLOCK_CI for 3×3: nine taps padded to 16), so 3×3 keeps
+    # BLOCK_CI = 16 (N = 256) and only 1×1 uses the wider ones; the pruner drops N > 256.
+    _DW_TAPS_CONFIGS = [_dw_cfg(bco, bci, w, st) for (bco, bci, w, st) in
+                        [(32, 16, 4, 2), (64, 16, 8, 2), (16, 16, 4, 2), (16, 16, 4, 3), (64, 64, 8, 2),
+                         (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)]]
 
 _FWD_CONFIGS = [c for configs in _FWD_BY_PRECISION.values() for c in configs]
 
@@ -151,6 +164,17 @@ def _prune_fwd(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
+def _prune_dw_taps(configs, named_args, **kwargs):
+    taps_pad = kwargs.get("TAPS_PAD", 16)
+    cimax, comax = _pow2_at_least_16(named_args["Ci"]), _pow2_at_least_16(named_args["Co"])
+    kept = [c for c in configs if c.kwargs["BLOCK_CI"] * taps_pad <= 256
+            and c.kwargs["BLOCK_CI"] <= cimax and c.kwargs["BLOCK_CO"] <= comax]
+    if kwargs.get("INPUT_PRECISION") == "ieee":
+        # FMA dots hold the whole accumulator and both operands in registers: at most 32 accumulators per thread.
+        kept = [c for c in kept if c.kwargs["BLOCK_CO"] * c.kwargs["BLOCK_CI"] * taps_pad <= 32 * 32 * c.num_warps]
+    return kept or [c for c in configs if c.kwargs["BLOCK_CI"] * taps_pad <= 256][-1:] or configs[-1:]
+
+
 def _prune_dw(configs, named_args, **kwargs):
     if kwargs.get("INPUT_PRECISION") == "ieee" and _capability(named_args)[0] < 9:
         # The FMA dot keeps the whole accumulator in registers before sm_90 (ptxas, sm_80: 64-wide tiles spilled at
@@ -176,23 +200,50 @@ def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
 
 
+@triton.jit
+def _pixels(offs_m, M, H, W):
+    """Output pixel indices → (in range, image, row, column) of an (NB, ·, H, W) tensor."""
+    hw = offs_m % (H * W)
+    return offs_m < M, offs_m // (H * W), hw // W, hw % W
+
+
+@triton.jit
+def _select_scale(tile, mask_ptrs, ok, scale, IN_MASK: tl.constexpr, SCALE_IN: tl.constexpr):
+    """``tile`` times ``scale`` (if ``SCALE_IN``) where the mask tensor at ``mask_ptrs`` selects it (``IN_MASK``
+    1: > 0, 2: < 0, 3: non-zero), 0 elsewhere; in fp32, rounded once to the tile's dtype."""
+    value = tile.to(tl.float32)
+    if SCALE_IN:
+        value = value * scale
+    if IN_MASK > 0:
+        sel = tl.load(mask_ptrs, mask=ok, other=0)
+        if IN_MASK == 1:
+            keep = sel > 0
+        elif IN_MASK == 2:
+            keep = sel < 0
+        else:
+            keep = sel != 0
+        value = tl.where(keep, value, 0.0)
+    return value.to(tile.dtype)
+
+
 # The precision and the epilogue switches are keys: they change the code (FMA vs MMA, extra loads and stores), so a
 # config timed for one must not be reused for another.
 @triton.autotune(configs=_FWD_CONFIGS,
                  key=["NB", "H", "W", "Ci", "Co", "sx_c", "KH", "HAS_LORA", "R_PAD", "INPUT_PRECISION", "HAS_BIAS",
-                      "RELU", "HAS_RES", "WRITE_MASK"],
+                      "RELU", "HAS_RES", "WRITE_MASK", "IN_MASK", "SCALE_IN"],
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _lora_conv_fwd_kernel(
-    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, res_ptr, y_ptr, mask_ptr,
+    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, res_ptr, y_ptr, mask_ptr, in_mask_ptr,
     NB, H, W, Ci, Co, R,
-    scaling, out_scale,
+    scaling, out_scale, in_scale,
     sx_n, sx_c, sx_h, sx_w,
     sr_n, sr_c, sr_h, sr_w,
     sy_n, sy_c, sy_h, sy_w,
+    sm_n, sm_c, sm_h, sm_w,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr,
-    WRITE_MASK: tl.constexpr, R_PAD: tl.constexpr,
+    WRITE_MASK: tl.constexpr, R_PAD: tl.constexpr, IN_MASK: tl.constexpr, SCALE_IN: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -210,16 +261,22 @@ def _lora_conv_fwd_kernel(
         res_ptr: residual (NB, Co, H, W) with strides ``sr_*``. Ignored unless ``HAS_RES``.
         y_ptr: output (NB, Co, H, W) with strides ``sy_*``; every element is written.
         mask_ptr: uint8 (NB, Co, H, W) with the strides of ``y``: ``pre > 0``. Written only if ``WRITE_MASK``.
+        in_mask_ptr: (NB, Ci, H, W) with strides ``sm_*``: what selects the input elements that count (the dx pass of
+            the backward: x is ∂L/∂y and this is the saved output or ReLU mask). Read only if ``IN_MASK`` > 0.
         NB, H, W: batch size and image size (input and output share H×W).
         Ci, Co: input and output channels; any value, tails are masked.
         R: LoRA rank (≤ R_PAD).
         scaling: the LoRA scale s in ``W + s·B·A``.
         out_scale: the factor applied after the activation, before the residual.
-        sx_*, sr_*, sy_*: element strides (batch, channel, row, column) of x, residual and y.
+        in_scale: the factor every loaded x element is multiplied by when ``SCALE_IN``.
+        sx_*, sr_*, sy_*, sm_*: element strides (batch, channel, row, column) of x, residual, y and the input mask.
         KH, KW: kernel size, 3×3 (padding 1) or 1×1 (padding 0).
         HAS_LORA: form the merged weight tile ``W + s·(A @ B)`` in registers.
         HAS_BIAS, RELU, HAS_RES: epilogue switches.
         WRITE_MASK: store the ReLU mask (the backward needs it when a residual hides the sign of the activation).
+        IN_MASK: keep only the x elements whose ``in_mask`` entry is 1: > 0, 2: < 0, 3: non-zero (uint8); 0: all.
+            So the dx pass reads ∂L/∂pre = in_scale·∂L/∂y·[mask] without that tensor ever being written.
+        SCALE_IN: multiply x by ``in_scale`` as it is loaded (in fp32, rounded once to x's dtype).
         R_PAD: rank padded to max(16, next power of two): tl.dot needs every dimension ≥ 16; rows ≥ R are masked.
         INPUT_PRECISION: tl.dot precision for float32 operands ("ieee", "tf32", "tf32x3"); no effect on 16-bit ones.
         UPCAST: multiply in float32 (interpreter + bfloat16 only, see ``_mma``).
@@ -258,12 +315,17 @@ def _lora_conv_fwd_kernel(
         iw = ow + (t % KW - KW // 2)
         pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_row = x_img + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
+        if IN_MASK > 0 or SCALE_IN:
+            m_row = img.to(tl.int64) * sm_n + ih.to(tl.int64) * sm_h + iw.to(tl.int64) * sm_w
         for k0 in range(0, Ci, BLOCK_K):
             ci = k0 + offs_k
             ci_ok = ci < Ci
             # Out-of-image neighbours and the channel tail read as zero: that is the zero padding.
             x_tile = tl.load(x_ptr + x_row[:, None] + ci[None, :] * sx_c,
                              mask=pix_ok[:, None] & ci_ok[None, :], other=0.0)
+            if IN_MASK > 0 or SCALE_IN:
+                x_tile = _select_scale(x_tile, in_mask_ptr + m_row[:, None] + ci[None, :] * sm_c,
+                                       pix_ok[:, None] & ci_ok[None, :], in_scale, IN_MASK, SCALE_IN)
             w_tile = tl.load(w_ptr + (t * Ci + ci[:, None]) * Co + offs_n[None, :],
                              mask=ci_ok[:, None] & n_ok[None, :], other=0.0)
             if HAS_LORA:
@@ -351,12 +413,7 @@ def _conv_dw_kernel(
     acc = tl.full((BLOCK_CO, BLOCK_CI), 0.0, tl.float32)
     m_start = pid_chunk * CHUNK_M
     for m0 in range(0, CHUNK_M, BLOCK_M):
-        offs_m = m_start + m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
-        img = offs_m // HW
-        hw = offs_m % HW
-        oh = hw // W
-        ow = hw % W
+        m_ok, img, oh, ow = _pixels(m_start + m0 + tl.arange(0, BLOCK_M), M, H, W)
         d_off = img.to(tl.int64) * sd_n + oh.to(tl.int64) * sd_h + ow.to(tl.int64) * sd_w
         # Loaded already transposed (Co × pixels) so the reduction dimension is the dot's inner one.
         dy_t = tl.load(dy_ptr + d_off[None, :] + offs_co[:, None].to(tl.int64) * sd_c,
@@ -372,6 +429,100 @@ def _conv_dw_kernel(
     taps = KH * KW
     p_off = ((pid_chunk.to(tl.int64) * Co + offs_co[:, None]) * Ci + offs_ci[None, :]) * taps + tap
     tl.store(part_ptr + p_off, acc, mask=co_ok[:, None] & ci_ok[None, :])
+
+
+@triton.autotune(configs=_DW_TAPS_CONFIGS,
+                 key=["NB", "H", "W", "Ci", "Co", "sx_c", "sd_c", "KH", "CHUNK_M", "INPUT_PRECISION", "IN_MASK",
+                      "SCALE_IN", "BIAS_GRAD"],
+                 prune_configs_by={"early_config_prune": _prune_dw_taps})
+@triton.jit
+def _conv_dw_taps_kernel(
+    x_ptr, dy_ptr, m_ptr, part_ptr, bpart_ptr,
+    NB, H, W, Ci, Co, CHUNK_M, in_scale,
+    sx_n, sx_c, sx_h, sx_w,
+    sd_n, sd_c, sd_h, sd_w,
+    sm_n, sm_c, sm_h, sm_w,
+    KH: tl.constexpr, KW: tl.constexpr, TAPS_PAD: tl.constexpr,
+    IN_MASK: tl.constexpr, SCALE_IN: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+):
+    """Per-chunk weight gradient of a 'same' convolution, all taps in one program (the v2 design):
+
+        part[c, co, ci, t] = Σ_{m ∈ chunk c} dpre[m, co]·x[m+t, ci]      dpre = in_scale·dy·[mask]
+        bpart[c, co]       = Σ_{m ∈ chunk c} dpre[m, co]                  (only if BIAS_GRAD)
+
+    Grid: (number of pixel chunks, Co tiles × Ci tiles). One GEMM per pixel step with K = BLOCK_M pixels and
+    N = TAPS_PAD·BLOCK_CI columns, column j holding tap j // BLOCK_CI of channel j mod BLOCK_CI: the dy tile is
+    loaded (and masked) once for all taps, and the nine shifted x windows of one pixel step are gathered by the same
+    program, so their overlap is served by L1 instead of nine programs each reading x and dy. Columns of the
+    padding taps (t ≥ KH·KW) are masked to zero and never stored. Every program overwrites its whole slice of
+    ``part`` (and of ``bpart`` when it owns Ci tile 0); a fixed-order torch sum over chunks makes dW deterministic.
+
+    Args:
+        x_ptr: forward input (NB, Ci, H, W), any strides.
+        dy_ptr: ∂L/∂y (NB, Co, H, W), any strides (0 allowed).
+        m_ptr: the saved output or uint8 ReLU mask (NB, Co, H, W), strides ``sm_*``. Read only if ``IN_MASK`` > 0.
+        part_ptr: float32 (num_chunks, Co, Ci, KH·KW), contiguous.
+        bpart_ptr: float32 (num_chunks, Co), contiguous. Written only if ``BIAS_GRAD``.
+        NB, H, W, Ci, Co: shapes as in the forward.
+        CHUNK_M: output pixels per chunk; a multiple of BLOCK_M.
+        in_scale: the factor of ``dpre`` (the forward's out_scale). Used only if ``SCALE_IN``.
+        sx_*, sd_*, sm_*: element strides (batch, channel, row, column) of x, dy and the mask tensor.
+        KH, KW: kernel size (3×3 with padding 1 or 1×1 with padding 0); TAPS_PAD: KH·KW rounded up to a power of 2.
+        IN_MASK, SCALE_IN: how dpre is made from dy (see ``_select_scale``).
+        BIAS_GRAD: also write the per-chunk sums of dpre.
+        INPUT_PRECISION: tl.dot precision for float32 operands.
+        UPCAST: multiply in float32 (interpreter + bfloat16 only).
+        BLOCK_M: pixels per reduction step; fixed (not tuned) so the summation order does not depend on the config.
+        BLOCK_CO, BLOCK_CI: tile over output and input channels.
+    """
+    pid_chunk = tl.program_id(0)
+    pid_tile = tl.program_id(1)
+    n_ci_tiles = (Ci + BLOCK_CI - 1) // BLOCK_CI
+    pid_co = pid_tile // n_ci_tiles
+    pid_ci = pid_tile % n_ci_tiles
+
+    HW = H * W
+    M = NB * HW
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_ok = offs_co < Co
+    cols = tl.arange(0, TAPS_PAD * BLOCK_CI)
+    tap = cols // BLOCK_CI
+    ci = pid_ci * BLOCK_CI + cols % BLOCK_CI
+    col_ok = (tap < KH * KW) & (ci < Ci)
+    dh = tap // KW - KH // 2
+    dw = tap % KW - KW // 2
+
+    acc = tl.full((BLOCK_CO, TAPS_PAD * BLOCK_CI), 0.0, tl.float32)
+    bacc = tl.full((BLOCK_CO,), 0.0, tl.float32)
+    m_start = pid_chunk * CHUNK_M
+    for m0 in range(0, CHUNK_M, BLOCK_M):
+        m_ok, img, oh, ow = _pixels(m_start + m0 + tl.arange(0, BLOCK_M), M, H, W)
+        d_off = img.to(tl.int64) * sd_n + oh.to(tl.int64) * sd_h + ow.to(tl.int64) * sd_w
+        d_ok = co_ok[:, None] & m_ok[None, :]
+        # Loaded already transposed (Co × pixels) so the reduction dimension is the dot's inner one.
+        dy_t = tl.load(dy_ptr + d_off[None, :] + offs_co[:, None].to(tl.int64) * sd_c, mask=d_ok, other=0.0)
+        if IN_MASK > 0 or SCALE_IN:
+            s_off = img.to(tl.int64) * sm_n + oh.to(tl.int64) * sm_h + ow.to(tl.int64) * sm_w
+            dy_t = _select_scale(dy_t, m_ptr + s_off[None, :] + offs_co[:, None].to(tl.int64) * sm_c, d_ok,
+                                 in_scale, IN_MASK, SCALE_IN)
+        if BIAS_GRAD:
+            bacc += tl.sum(dy_t.to(tl.float32), axis=1)
+        ih = oh[:, None] + dh[None, :]
+        iw = ow[:, None] + dw[None, :]
+        x_ok = m_ok[:, None] & col_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_off = img.to(tl.int64)[:, None] * sx_n + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w \
+            + ci.to(tl.int64)[None, :] * sx_c
+        x_tile = tl.load(x_ptr + x_off, mask=x_ok, other=0.0)
+        acc = _mma(dy_t, x_tile, acc, INPUT_PRECISION, UPCAST)
+
+    taps = KH * KW
+    p_off = ((pid_chunk.to(tl.int64) * Co + offs_co[:, None]) * Ci + ci[None, :]) * taps + tap[None, :]
+    tl.store(part_ptr + p_off, acc, mask=co_ok[:, None] & col_ok[None, :])
+    if BIAS_GRAD:
+        if pid_ci == 0:
+            tl.store(bpart_ptr + pid_chunk.to(tl.int64) * Co + offs_co, bacc, mask=co_ok)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -421,8 +572,9 @@ def _dot_precision(dtype: torch.dtype, input_precision: str) -> str:
 
 
 def _launch_conv(x, w_arr, a_arr, b_arr, scaling, bias, residual, relu, out_scale, input_precision, write_mask,
-                 ksize, co, channels_last):
-    """Run the forward kernel; returns (y, mask) (mask empty unless ``write_mask``)."""
+                 ksize, co, channels_last, in_mask=None, in_mask_mode=0, in_scale=1.0):
+    """Run the forward kernel; returns (y, mask) (mask empty unless ``write_mask``). ``in_mask`` /
+    ``in_mask_mode`` / ``in_scale``: how x is selected and scaled as it is loaded (``_select_scale``)."""
     nb, ci, h, w = x.shape
     y = _poison(_empty_image((nb, co, h, w), x, channels_last))
     mask = (_poison(torch.empty_strided(y.shape, y.stride(), dtype=torch.uint8, device=y.device)) if write_mask
@@ -434,25 +586,28 @@ def _launch_conv(x, w_arr, a_arr, b_arr, scaling, bias, residual, relu, out_scal
     has_lora = a_arr is not None
     rank = b_arr.shape[0] if has_lora else 1
     res = residual if residual is not None else y
+    sel = in_mask if in_mask_mode else x
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"]))  # noqa: E731
     _lora_conv_fwd_kernel[grid](
         x, w_arr, a_arr if has_lora else w_arr, b_arr if has_lora else w_arr,
-        bias if bias is not None else w_arr, res, y, mask if write_mask else y,
+        bias if bias is not None else w_arr, res, y, mask if write_mask else y, sel,
         nb, h, w, ci, co, rank,
-        float(scaling), float(out_scale),
-        *x.stride(), *res.stride(), *y.stride(),
+        float(scaling), float(out_scale), float(in_scale),
+        *x.stride(), *res.stride(), *y.stride(), *sel.stride(),
         KH=ksize, KW=ksize,
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, RELU=bool(relu), HAS_RES=residual is not None,
-        WRITE_MASK=bool(write_mask), R_PAD=_pow2_at_least_16(rank),
+        WRITE_MASK=bool(write_mask), R_PAD=_pow2_at_least_16(rank), IN_MASK=int(in_mask_mode),
+        SCALE_IN=float(in_scale) != 1.0,
         INPUT_PRECISION=_dot_precision(x.dtype, input_precision),
         UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
     )
     return y, mask
 
 
-def _dw_chunk(m: int, co: int, ci: int, taps: int) -> Tuple[int, int]:
-    """Pixels per chunk and number of chunks: depends on the shape only, never on the tuned config."""
-    tiles = triton.cdiv(co, 64) * triton.cdiv(ci, 64) * taps
+def _dw_chunk(m: int, co: int, ci: int, taps: int, tap_programs: bool = True) -> Tuple[int, int]:
+    """Pixels per chunk and number of chunks: depends on the shape only, never on the tuned config.
+    ``tap_programs``: the taps are a grid axis (v1) rather than a loop inside each program (v2)."""
+    tiles = triton.cdiv(co, 64) * triton.cdiv(ci, 64) * (taps if tap_programs else 1)
     want = max(1, triton.cdiv(_DW_TARGET_PROGRAMS, tiles))
     cap = max(1, _DW_PARTIAL_BUDGET // (4 * co * ci * taps))
     chunks = min(want, cap, triton.cdiv(m, _DW_CHUNK_ALIGN))
@@ -485,6 +640,39 @@ def conv_weight_grad(x: torch.Tensor, dy: torch.Tensor, ksize: int, input_precis
     return part.sum(0).view(co, ci, ksize, ksize)
 
 
+_DW_TAPS_BLOCK_M = 32     # reduction step of the all-taps dW kernel: its x operand is BLOCK_M × TAPS_PAD·BLOCK_CI
+
+
+def conv_weight_grad_taps(x: torch.Tensor, dy: torch.Tensor, ksize: int, input_precision: str = "tf32",
+                          selector: Optional[torch.Tensor] = None, selector_mode: int = 0, scale: float = 1.0,
+                          bias_grad: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """float32 ``(dW (Co, Ci, k, k), dbias (Co,) or None)`` of the 'same' stride-1 convolution for
+    ``dpre = scale·dy·[selector]`` (``_select_scale``'s modes), all taps reduced in one program (v2)."""
+    nb, ci, h, w = x.shape
+    co = dy.shape[1]
+    taps = ksize * ksize
+    m = nb * h * w
+    if m == 0:
+        zeros = torch.zeros((co, ci, ksize, ksize), dtype=torch.float32, device=x.device)
+        return zeros, (torch.zeros(co, dtype=torch.float32, device=x.device) if bias_grad else None)
+    _check_runnable(x)
+    chunk_m, chunks = _dw_chunk(m, co, ci, taps, tap_programs=False)
+    part = _poison(torch.empty((chunks, co, ci, taps), dtype=torch.float32, device=x.device))
+    bpart = _poison(torch.empty((chunks, co), dtype=torch.float32, device=x.device)) if bias_grad else part
+    sel = selector if selector_mode else dy
+    grid = lambda meta: (chunks, triton.cdiv(co, meta["BLOCK_CO"]) * triton.cdiv(ci, meta["BLOCK_CI"]))  # noqa: E731
+    _conv_dw_taps_kernel[grid](
+        x, dy, sel, part, bpart, nb, h, w, ci, co, chunk_m, float(scale),
+        *x.stride(), *dy.stride(), *sel.stride(),
+        KH=ksize, KW=ksize, TAPS_PAD=triton.next_power_of_2(taps),
+        IN_MASK=int(selector_mode), SCALE_IN=float(scale) != 1.0, BIAS_GRAD=bool(bias_grad),
+        INPUT_PRECISION=_dot_precision(x.dtype, input_precision),
+        UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
+        BLOCK_M=_DW_TAPS_BLOCK_M,
+    )
+    return part.sum(0).view(co, ci, ksize, ksize), (bpart.sum(0) if bias_grad else None)
+
+
 def lora_conv2d_forward(x, weight, lora_a, lora_b, scaling, bias=None, residual=None, relu=False, out_scale=1.0,
                         input_precision="tf32", write_mask=False):
     """Launch the fused forward (no autograd, no validation). Returns ``(y, relu_mask)``.
@@ -493,12 +681,31 @@ def lora_conv2d_forward(x, weight, lora_a, lora_b, scaling, bias=None, residual=
     ``write_mask`` is true, else an empty uint8 tensor.
     """
     co, _, k, _ = weight.shape
+    if conv_kernel() == "v2":
+        # Merge once per launch (Co·Ci·k² values, 2·r FLOPs each), then a plain convolution.
+        return conv2d_forward(x, _merged_weight(weight, lora_a, lora_b, scaling), bias, residual, relu, out_scale,
+                              input_precision, write_mask)
     rank = lora_a.shape[0]
     w_arr = _taps_arrangement(weight)
     a_arr = _taps_arrangement(lora_a)                 # (taps, Ci, r)
     b_arr = lora_b.reshape(co, rank).t().contiguous()  # (r, Co)
     return _launch_conv(x, w_arr, a_arr, b_arr, scaling, bias, residual, relu, out_scale, input_precision,
                         write_mask, k, co, _wants_channels_last(x))
+
+
+def conv2d_forward(x, weight, bias=None, residual=None, relu=False, out_scale=1.0, input_precision="tf32",
+                   write_mask=False):
+    """The forward kernel with an already merged weight (Co, Ci, k, k): ``(y, relu_mask)`` as
+    ``lora_conv2d_forward``. No autograd, no validation."""
+    co, _, k, _ = weight.shape
+    return _launch_conv(x, _taps_arrangement(weight), None, None, 0.0, bias, residual, relu, out_scale,
+                        input_precision, write_mask, k, co, _wants_channels_last(x))
+
+
+def merge_weight(weight, lora_a, lora_b, scaling):
+    """``W + s·B·A`` merged in float32 and rounded once to the weight dtype: the weight the v2 kernels convolve
+    with (v1 forms the same values tile by tile). Callers that reuse it across forwards may cache it."""
+    return _merged_weight(weight, lora_a, lora_b, scaling)
 
 
 def _merged_weight(weight, lora_a, lora_b, scaling):
@@ -524,6 +731,9 @@ def _relu_grad_input(grad_y, saved, relu, mask_from_output, out_scale):
 def lora_conv2d_backward(grad_y, x, weight, lora_a, lora_b, saved, scaling, relu, mask_from_output, out_scale,
                          input_precision, need_x, need_w, need_a, need_b, need_bias):
     """All input gradients of the fused op; entries not asked for are empty tensors. See FusedLoRAConv2dFunction."""
+    if conv_kernel() == "v2":
+        return _lora_conv2d_backward_v2(grad_y, x, weight, lora_a, lora_b, saved, scaling, relu, mask_from_output,
+                                        out_scale, input_precision, need_x, need_w, need_a, need_b, need_bias)
     co, ci, k, _ = weight.shape
     rank = lora_a.shape[0]
     g = _relu_grad_input(grad_y, saved, relu, mask_from_output, out_scale)
@@ -547,6 +757,46 @@ def lora_conv2d_backward(grad_y, x, weight, lora_a, lora_b, saved, scaling, relu
         w_arr = _taps_arrangement(wk.flip(2, 3).transpose(0, 1))
         dx, _ = _launch_conv(g, w_arr, None, None, 0.0, None, None, False, 1.0, input_precision, False, k, ci,
                              _wants_channels_last(x))
+    return dx, dw, da, db, dbias
+
+
+def _selector(saved, relu, mask_from_output, out_scale) -> Tuple[Optional[torch.Tensor], int]:
+    """The ReLU selection of ``_relu_grad_input`` as (tensor, ``_select_scale`` mode), applied inside the kernels."""
+    if not relu:
+        return None, 0
+    if mask_from_output:
+        return saved, (1 if out_scale >= 0 else 2)
+    return saved, 3
+
+
+def _lora_conv2d_backward_v2(grad_y, x, weight, lora_a, lora_b, saved, scaling, relu, mask_from_output, out_scale,
+                             input_precision, need_x, need_w, need_a, need_b, need_bias):
+    """v2 backward: ``dpre = out_scale·G·[mask]`` is formed inside the dx and dW kernels as they load G (never
+    written), dW (and dbias with it) reduces all taps in one program, and the merged weight of dx is formed once."""
+    co, ci, k, _ = weight.shape
+    rank = lora_a.shape[0]
+    selector, mode = _selector(saved, relu, mask_from_output, out_scale)
+    dx, dw, da, db, dbias = (x.new_empty(0) for _ in range(5))
+    if need_w or need_a or need_b:
+        dw_eff, dbias_f = conv_weight_grad_taps(x, grad_y, k, input_precision, selector, mode, out_scale,
+                                                bias_grad=need_bias)
+        flat = dw_eff.view(co, -1)
+        if need_bias:
+            dbias = dbias_f.to(weight.dtype)
+        if need_w:
+            dw = dw_eff.to(weight.dtype)
+        if need_a:
+            da = (scaling * (lora_b.reshape(co, rank).float().t() @ flat)).view(lora_a.shape).to(lora_a.dtype)
+        if need_b:
+            db = (scaling * (flat @ lora_a.reshape(rank, -1).float().t())).view(lora_b.shape).to(lora_b.dtype)
+    elif need_bias:
+        g = _relu_grad_input(grad_y, saved, relu, mask_from_output, out_scale)
+        dbias = g.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype)
+    if need_x:
+        wk = _merged_weight(weight, lora_a, lora_b, scaling)
+        w_arr = _taps_arrangement(wk.flip(2, 3).transpose(0, 1))
+        dx, _ = _launch_conv(grad_y, w_arr, None, None, 0.0, None, None, False, 1.0, input_precision, False, k, ci,
+                             _wants_channels_last(x), in_mask=selector, in_mask_mode=mode, in_scale=out_scale)
     return dx, dw, da, db, dbias
 
 
@@ -577,6 +827,21 @@ def _(x, weight, lora_a, lora_b, bias, residual, scaling, relu, out_scale, input
     else:
         mask = torch.empty(0, dtype=torch.uint8, device=y.device)
     return y, mask
+
+
+@torch.library.custom_op("lorun_fast::conv2d_merged", mutates_args=())
+def _conv2d_merged_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      residual: Optional[torch.Tensor], relu: bool, out_scale: float,
+                      input_precision: str) -> torch.Tensor:
+    """Forward only: ``out_scale·act(conv(x, W) + bias) + residual`` with an already merged W (no autograd)."""
+    y, _ = conv2d_forward(x, weight, bias, residual, relu, out_scale, input_precision, write_mask=False)
+    return y
+
+
+@_conv2d_merged_op.register_fake
+def _(x, weight, bias, residual, relu, out_scale, input_precision):
+    nb, _, h, w = x.shape
+    return _empty_image((nb, weight.shape[0], h, w), x, _wants_channels_last(x))
 
 
 @torch.library.custom_op("lorun_fast::lora_conv2d_backward", mutates_args=())
@@ -661,8 +926,11 @@ torch.library.register_autograd("lorun_fast::lora_conv2d", FusedLoRAConv2dFuncti
 # Public entry point
 # --------------------------------------------------------------------------------------------------------------------
 
-def _check_inputs(x, weight, lora_a, lora_b, scaling, bias, padding, residual, out_scale, input_precision):
+def _check_inputs(x, weight, lora_a, lora_b, scaling, bias, padding, residual, out_scale, input_precision,
+                  has_lora=True):
     tensors = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b, "bias": bias, "residual": residual}
+    if not has_lora:
+        del tensors["lora_a"], tensors["lora_b"]
     for name, t in tensors.items():
         if t is None and name in ("bias", "residual"):
             continue
@@ -688,6 +956,13 @@ def _check_inputs(x, weight, lora_a, lora_b, scaling, bias, padding, residual, o
         raise ValueError(f"weight: needs at least one input and one output channel, got shape {tuple(weight.shape)}")
     if x.shape[1] != ci:
         raise ValueError(f"x: expected {ci} channels (weight is {tuple(weight.shape)}), got shape {tuple(x.shape)}")
+    if has_lora:
+        _check_lora(weight, lora_a, lora_b)
+    _check_epilogue_and_options(x, weight, scaling, bias, padding, residual, out_scale, input_precision)
+
+
+def _check_lora(weight, lora_a, lora_b):
+    co, ci, kh, kw = weight.shape
     if lora_a.dim() != 4 or lora_a.shape[1:] != weight.shape[1:] or lora_a.shape[0] < 1:
         raise ValueError(f"lora_a: expected shape (r, {ci}, {kh}, {kw}) with r ≥ 1, got {tuple(lora_a.shape)}")
     rank = lora_a.shape[0]
@@ -703,6 +978,10 @@ def _check_inputs(x, weight, lora_a, lora_b, scaling, bias, padding, residual, o
     if b2[1] != rank:
         raise ValueError(f"lora_b: rank {b2[1]} does not match lora_a's rank {rank} "
                          f"(lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)})")
+
+
+def _check_epilogue_and_options(x, weight, scaling, bias, padding, residual, out_scale, input_precision):
+    co, ci, kh, kw = weight.shape
     if bias is not None and tuple(bias.shape) != (co,):
         raise ValueError(f"bias: expected shape ({co},), got {tuple(bias.shape)}")
     nb, _, h, w = x.shape
@@ -757,3 +1036,17 @@ def fused_lora_conv2d(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
     y, _ = torch.ops.lorun_fast.lora_conv2d(x, weight, lora_a, lora_b, bias, residual, float(scaling), bool(relu),
                                            float(out_scale), input_precision)
     return y
+
+
+def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, padding,
+                 relu: bool = False, residual: Optional[torch.Tensor] = None, out_scale: float = 1.0,
+                 input_precision: str = "tf32") -> torch.Tensor:
+    """``out_scale·act(conv(x, W) + bias) + residual`` with an already merged weight, for inference: the forward
+    kernel without the LoRA prologue (``FusedLoRunConv`` calls it with its cached ``merge_weight``). No autograd:
+    nothing may require a gradient. Arguments as ``fused_lora_conv2d``; registered as
+    ``torch.ops.lorun_fast.conv2d_merged``."""
+    _check_inputs(x, weight, None, None, 1.0, bias, padding, residual, out_scale, input_precision, has_lora=False)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        raise RuntimeError("fused_conv2d: has no backward; use fused_lora_conv2d where a gradient is needed")
+    return torch.ops.lorun_fast.conv2d_merged(x, weight, bias, residual, bool(relu), float(out_scale),
+                                              input_precision)

@@ -4,7 +4,10 @@
   is decorated, so it must be set before ``lorun_fast.kernels.lora_conv`` / ``.gd_step`` are imported.
 - ``LORUN_FAST_TUNE=0``: autotune over two configs per kernel (one at 8 warps) instead of the full lists, so that a
   GPU test run compiles in seconds; benchmarks keep the default (full lists).
+- ``LORUN_FAST_CONV_KERNEL=v1|v2``: which design of the fused LoRA convolution runs (``lorun_fast.kernels.lora_conv``;
+  default v2). Read at every call, so one process can time both; :func:`use_conv_kernel` overrides it in a block.
 """
+import contextlib
 import os
 
 INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -48,3 +51,31 @@ def dot_precision(dtype, input_precision: str) -> str:
     import torch
 
     return input_precision if dtype == torch.float32 else "tf32"
+
+
+#: The designs of the fused LoRA convolution: v1 merges W + s·B·A tile by tile inside every program and reduces
+#: dW one tap per program; v2 merges once per launch and reduces all taps of dW in one program, with the ReLU mask
+#: applied inside the backward kernels (``lorun_fast.kernels.lora_conv``).
+CONV_KERNELS = ("v1", "v2")
+_CONV_KERNEL_OVERRIDE = None
+
+
+def conv_kernel() -> str:
+    """The LoRA convolution design in use: :func:`use_conv_kernel`'s, else ``LORUN_FAST_CONV_KERNEL``, else v2."""
+    value = _CONV_KERNEL_OVERRIDE or os.environ.get("LORUN_FAST_CONV_KERNEL", "").strip().lower() or "v2"
+    if value not in CONV_KERNELS:
+        raise ValueError(f"LORUN_FAST_CONV_KERNEL: expected one of {CONV_KERNELS}, got {value!r}")
+    return value
+
+
+@contextlib.contextmanager
+def use_conv_kernel(version: str):
+    """Run the LoRA convolution of ``version`` ("v1" or "v2") inside the block (benchmarks time both this way)."""
+    global _CONV_KERNEL_OVERRIDE
+    if version not in CONV_KERNELS:
+        raise ValueError(f"version: expected one of {CONV_KERNELS}, got {version!r}")
+    previous, _CONV_KERNEL_OVERRIDE = _CONV_KERNEL_OVERRIDE, version
+    try:
+        yield
+    finally:
+        _CONV_KERNEL_OVERRIDE = previous

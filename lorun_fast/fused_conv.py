@@ -11,6 +11,11 @@ move between the two unchanged) with three ways to compute a stage:
 - ``reference``: peft's unfused three-convolution form.
 
 ``auto`` picks ``triton`` for CUDA inputs the kernel covers and ``merged`` otherwise.
+
+When no gradient is needed (inference, ``eval``, ``restore``; or a frozen layer), the ``triton`` and ``merged``
+backends reuse the stage's merged weight instead of forming it at every forward: it is cached per stage and backend,
+keyed on the storage and version counter of ``W``, ``A_k`` and ``B_k`` (an optimizer step, ``load_state_dict`` or
+``.to()`` makes a new key) and on the scale. ``clear_merged_cache()`` drops it; it is never saved in a state dict.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from lorun_fast.reference import LoRAConv2d, check_stage, merged_conv
 __all__ = ["FusedLoRunConv", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "merged", "reference")
+_STAGE_NAMES = tuple(str(k) for k in range(64))  # the adapters' ModuleDict keys, without a str() per call
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -80,6 +86,7 @@ class FusedLoRunConv(LoRAConv2d):
                              f"not {self._describe()}; use 'merged' or 'auto'")
         self.backend = backend
         self.input_precision = input_precision
+        self._merged_cache = {}
 
     @classmethod
     def from_conv(cls, conv: nn.Module, num_stages: int, *, rank: int | None = None, gamma: float = 10.0,
@@ -139,18 +146,17 @@ class FusedLoRunConv(LoRAConv2d):
         """The backend that will compute a forward on ``x``."""
         if self.backend != "auto":
             return self.backend
-        if self.triton_supported and x.is_cuda and x.dtype in _TRITON_DTYPES:
+        if x.is_cuda and x.dtype in _TRITON_DTYPES and self.triton_supported:
             return "triton"
         return "merged"
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor, weight: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
-        weight = self.base_layer.weight
         if x.device != weight.device:
             raise ValueError(f"x: on {x.device}, but the layer's weights are on {weight.device}")
         if x.dtype != weight.dtype:
@@ -183,24 +189,83 @@ class FusedLoRunConv(LoRAConv2d):
         if residual.device != x.device:
             raise ValueError(f"residual: on {residual.device}, but x is on {x.device}")
 
+    def clear_merged_cache(self) -> None:
+        """Forget the cached merged weights (they are rebuilt on the next forward that can use them)."""
+        self._merged_cache.clear()
+
+    def _stage_tensors(self, stage: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(W, A_k, B_k, bias). Read from the registries directly: this runs for every layer of every stage, and
+        nn.Module's attribute lookup is a measurable share of a small convolution's time on a CPU."""
+        modules = self._modules
+        base = modules["base_layer"]
+        name = _STAGE_NAMES[stage] if stage < len(_STAGE_NAMES) else str(stage)
+        try:
+            return (base._parameters["weight"], modules["lora_A"]._modules[name]._parameters["weight"],
+                    modules["lora_B"]._modules[name]._parameters["weight"], base._parameters.get("bias"))
+        except KeyError:  # weights that are not plain registered parameters (e.g. a parametrization)
+            return base.weight, self.lora_A[name].weight, self.lora_B[name].weight, base.bias
+
+    @staticmethod
+    def _need_grad(tensors) -> bool:
+        return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+    def cached_merged_weight(self, stage: int, backend: str) -> torch.Tensor:
+        """The merged weight ``backend`` convolves with for ``stage`` (``merged``: the reference's
+        ``merged_weight``; ``triton``: the kernels' ``merge_weight``, fp32 merge rounded once), from the cache when
+        W, A_k and B_k are unchanged since it was formed. Built without autograd: for forwards that need no
+        gradient of the weights."""
+        stage = check_stage(stage, self.num_stages)
+        tensors = self._stage_tensors(stage)[:3]
+        return self._cached_merge(stage, backend, tensors)
+
+    def _cached_merge(self, stage: int, backend: str, tensors) -> torch.Tensor:
+        w, a, b = tensors
+        # An entry holds the tensors themselves (so their ids cannot be reused while it lives) and their versions.
+        hit = self._merged_cache.get((stage, backend))
+        if (hit is not None and hit[0] is w and hit[1] is a and hit[2] is b and hit[3] == w._version
+                and hit[4] == a._version and hit[5] == b._version and hit[6] == self.scaling):
+            return hit[7]
+        with torch.no_grad():
+            if backend == "triton":
+                from lorun_fast.kernels.lora_conv import merge_weight
+
+                weight = merge_weight(*tensors, self.scaling)
+            else:
+                weight = self.merged_weight(stage)
+        self._merged_cache[(stage, backend)] = (w, a, b, w._version, a._version, b._version, self.scaling, weight)
+        return weight
+
+
     def forward(self, x: torch.Tensor, stage: int | None = None, *, relu: bool = False,
                 residual: torch.Tensor | None = None, out_scale: float = 1.0) -> torch.Tensor:
         stage = check_stage(self.active_stage if stage is None else stage, self.num_stages)
-        self._check_input(x)
+        tensors = self._stage_tensors(stage)
+        self._check_input(x, tensors[0])
         self._check_epilogue(x, residual, out_scale)
         backend = self.resolve_backend(x)
+        # Under torch.compile the merge is traced into the graph instead (no Python-side cache there).
+        cache = (backend != "reference" and not self._need_grad(tensors)
+                 and not torch.compiler.is_compiling())
         if backend == "triton":
             if not (x.is_cuda or interpreting()):
                 raise RuntimeError("backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on a CPU); "
                                    f"x is on {x.device}")
+            base = self.base_layer
+            inputs_need_grad = torch.is_grad_enabled() and (x.requires_grad
+                                                            or (residual is not None and residual.requires_grad))
+            if cache and not inputs_need_grad:
+                from lorun_fast.kernels.lora_conv import fused_conv2d
+
+                return fused_conv2d(x, self._cached_merge(stage, "triton", tensors[:3]), base.bias,
+                                    padding=_pair(base.kernel_size)[0] // 2, relu=relu, residual=residual,
+                                    out_scale=out_scale, input_precision=self.input_precision)
             from lorun_fast.kernels.lora_conv import fused_lora_conv2d
 
-            base = self.base_layer
             return fused_lora_conv2d(x, base.weight, self.lora_A[str(stage)].weight, self.lora_B[str(stage)].weight,
                                      self.scaling, base.bias, padding=_pair(base.kernel_size)[0] // 2, relu=relu,
                                      residual=residual, out_scale=out_scale, input_precision=self.input_precision)
         if backend == "merged":
-            y = merged_conv(self, x, stage)
+            y = merged_conv(self, x, stage, self._cached_merge(stage, "merged", tensors[:3]) if cache else None)
         else:
             y = LoRAConv2d.forward(self, x, stage)
         if relu:

@@ -149,10 +149,11 @@ class LoRAConv2d(nn.Module):
         return f"num_stages={self.num_stages}, rank={self.rank}, alpha={self.alpha:g}"
 
 
-def merged_conv(layer: LoRAConv2d, x: torch.Tensor, stage: int) -> torch.Tensor:
-    """One convolution with the merged weight: the identity the fused kernels implement."""
+def merged_conv(layer: LoRAConv2d, x: torch.Tensor, stage: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """One convolution with the merged weight (``layer.merged_weight(stage)``, or ``weight`` when a caller already
+    holds it): the identity the fused kernels implement."""
     base = layer.base_layer
-    weight = layer.merged_weight(stage)
+    weight = layer.merged_weight(stage) if weight is None else weight
     if layer.transposed:
         return F.conv_transpose2d(x, weight, base.bias, base.stride, base.padding, base.output_padding, 1,
                                   base.dilation)

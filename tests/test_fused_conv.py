@@ -243,3 +243,90 @@ def test_fast_lorun_model_on_cuda(dtype, atol):
     fast_run = fast(y.to("cuda", dtype), (99, 70))
     assert torch.isfinite(fast_run).all()
     assert _rel(fast_run.cpu(), truth) <= 2 * _rel(torch_run.cpu(), truth) + atol
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The merged-weight cache (forwards that need no weight gradient)
+# ----------------------------------------------------------------------------------------------------------------
+def _count_merges(monkeypatch):
+    calls = []
+    original = LoRAConv2d.merged_weight
+
+    def counting(self, stage):
+        calls.append(stage)
+        return original(self, stage)
+
+    monkeypatch.setattr(LoRAConv2d, "merged_weight", counting)
+    return calls
+
+
+def test_merged_backend_caches_per_stage_and_follows_parameter_changes(monkeypatch):
+    reference, fast, generator = _pair(8, 12, 3, 2, 3, seed=21, bias=True)
+    calls = _count_merges(monkeypatch)
+    x = torch.randn(2, 8, 9, 10, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        first = [fast(x, stage) for stage in range(3)]
+        again = [fast(x, stage) for stage in range(3)]
+    assert calls == [0, 1, 2], "the merge ran again for an unchanged stage"
+    for stage in range(3):
+        assert torch.equal(first[stage], again[stage])
+        assert _rel(first[stage], reference(x, stage)) < 1e-12
+    # An in-place update (what an optimizer step does) invalidates the stage it touches, and only that one.
+    with torch.no_grad():
+        fast.lora_B["1"].weight.add_(0.5)
+        reference.lora_B["1"].weight.add_(0.5)
+        updated = fast(x, 1)
+        fast(x, 0)
+    assert calls == [0, 1, 2, 1]
+    assert _rel(updated, reference(x, 1)) < 1e-12 and not torch.equal(updated, first[1])
+    # load_state_dict copies in place: a new version, a fresh merge.
+    state = {k: v.clone() for k, v in fast.state_dict().items()}
+    state["base_layer.weight"] += 0.1
+    fast.load_state_dict(state)
+    reference.load_state_dict(state)
+    with torch.no_grad():
+        assert _rel(fast(x, 2), reference(x, 2)) < 1e-12
+    assert not any("cache" in key for key in fast.state_dict())
+
+
+def test_no_cache_while_the_weights_train(monkeypatch):
+    reference, fast, generator = _pair(4, 6, 3, 2, 2, seed=22)
+    calls = _count_merges(monkeypatch)
+    x = torch.randn(1, 4, 7, 7, generator=generator, dtype=torch.float64)
+    for _ in range(2):
+        fast(x, 1).sum().backward()
+    assert calls == [1, 1], "a forward that trains the adapters must merge with autograd, every time"
+    assert fast.lora_A["1"].weight.grad is not None
+    # A frozen layer in a graph that needs only dx may use the cache: the gradient of x is unchanged.
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    xg = x.clone().requires_grad_()
+    fast(xg, 1).sum().backward()
+    fast(xg, 1).sum().backward()
+    assert calls == [1, 1, 1]
+    xr = x.clone().requires_grad_()
+    reference(xr, 1).sum().backward()
+    assert _rel(xg.grad / 2, xr.grad) < 1e-12
+
+
+def test_triton_inference_uses_the_cached_merge(monkeypatch):
+    """Under no_grad the Triton path convolves with the cached merged weight (no LoRA prologue); the result equals
+    the training path's and the reference."""
+    from lorun_fast.kernels import lora_conv as lc
+
+    reference, fast, generator = _pair(8, 16, 3, 2, 2, seed=23, bias=True, backend="triton")
+    fast = fast.float().to(TRITON_DEVICE)
+    x = torch.randn(1, 8, 9, 11, generator=generator).to(TRITON_DEVICE)
+    merges = []
+    original = lc.merge_weight
+    monkeypatch.setattr(lc, "merge_weight", lambda *a: merges.append(1) or original(*a))
+    with torch.no_grad():
+        cached = [fast(x, 1, relu=True, out_scale=0.5) for _ in range(2)]
+    assert len(merges) == 1
+    trained = fast(x, 1, relu=True, out_scale=0.5)
+    want = 0.5 * F.relu(reference(x.double().cpu(), 1))
+    assert torch.equal(cached[0], cached[1])
+    assert _rel(cached[0].cpu(), want) < TOL[("triton", torch.float32)]
+    assert _rel(trained.detach().cpu(), want) < TOL[("triton", torch.float32)]
+    with pytest.raises(RuntimeError, match="fused_conv2d: has no backward"):
+        lc.fused_conv2d(x.requires_grad_(), fast.weight.detach(), padding=1)

@@ -20,6 +20,7 @@ from torch import nn  # noqa: E402
 
 from lorun_fast.kernels import lora_conv as lc  # noqa: E402
 from lorun_fast.kernels.lora_conv import FusedLoRAConv2dFunction, fused_lora_conv2d  # noqa: E402
+from lorun_fast.kernels.settings import CONV_KERNELS, use_conv_kernel  # noqa: E402
 from lorun_fast.reference.lora_conv import LoRAConv2d  # noqa: E402
 
 INTERPRET = lc._INTERPRET
@@ -52,6 +53,14 @@ GRAD_NAMES = ("x", "weight", "lora_a", "lora_b", "bias", "residual")
 def poison_outputs(monkeypatch):
     """Every buffer the launchers allocate starts as NaN, so an element the kernels skip shows up as NaN."""
     monkeypatch.setattr(lc, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture(autouse=True, params=CONV_KERNELS)
+def conv_kernel(request):
+    """Every test runs both designs of the kernel: v1 (merge per tile, one tap per dW program, ReLU mask applied
+    by torch) and v2 (merge once, all taps per dW program, mask applied inside the kernels)."""
+    with use_conv_kernel(request.param):
+        yield request.param
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -294,13 +303,32 @@ def test_half_precision_against_torch_error(dtype, n, ci, co, k, r, h, w, relu, 
         _assert_mixed(f"d{name}", grads[name], grads_t[name], grads_ref[name], dtype)
 
 
+def test_v2_backward_never_writes_the_masked_gradient(conv_kernel, monkeypatch):
+    """v2 applies out_scale and the ReLU mask inside the dx and dW kernels (and forms dbias there): the torch pass
+    that v1 uses to write ∂L/∂pre must not run when dW is computed; the gradients still match the reference."""
+    if conv_kernel == "v1":
+        pytest.skip("v1 forms ∂L/∂pre with torch by design")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the masked gradient was formed outside the kernels")
+
+    monkeypatch.setattr(lc, "_relu_grad_input", forbidden)
+    for relu, res, out_scale in ((True, False, 0.8), (True, True, -0.6), (False, False, 1.5)):
+        case = make_case(2, 16, 24, 3, 4, 9, 11, bias=True, residual=res, seed=31)
+        y, grads = run(kernel_fn, case, torch.float32, 0.5, relu, out_scale, "cl")
+        y_ref, grads_ref = run(reference, case, torch.float64, 0.5, relu, out_scale)
+        assert_close_fp32("y", y, y_ref, "ieee")
+        for name in grads_ref:
+            assert_close_fp32(f"d{name}", grads[name], grads_ref[name], "ieee")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # determinism, autograd.Function, custom op, torch.compile
 # --------------------------------------------------------------------------------------------------------------------
 
-def test_weight_gradient_is_deterministic():
+def test_weight_gradient_is_deterministic(conv_kernel):
     case = make_case(2, 16, 24, 3, 4, 17, 23, seed=13)
-    chunk_m, chunks = lc._dw_chunk(2 * 17 * 23, 24, 16, 9)
+    chunk_m, chunks = lc._dw_chunk(2 * 17 * 23, 24, 16, 9, tap_programs=conv_kernel == "v1")
     assert chunks > 1, "the case should split the pixel reduction into several chunks"
     runs = [run(kernel_fn, case, torch.float32, 0.5, True, 1.0, "cl")[1] for _ in range(2)]
     for name in runs[0]:
@@ -313,6 +341,8 @@ def test_tuning_keys_separate_precisions_and_epilogues():
     fwd_keys = set(lc._lora_conv_fwd_kernel.keys)
     assert {"INPUT_PRECISION", "HAS_BIAS", "RELU", "HAS_RES", "WRITE_MASK", "HAS_LORA"} <= fwd_keys
     assert "INPUT_PRECISION" in set(lc._conv_dw_kernel.keys)
+    assert {"INPUT_PRECISION", "IN_MASK", "SCALE_IN", "BIAS_GRAD"} <= set(lc._conv_dw_taps_kernel.keys)
+    assert {"IN_MASK", "SCALE_IN"} <= fwd_keys
     # The pruner hands each precision its own list (one shared entry in the interpreter).
     named = {"Ci": 64, "Co": 64}
     for prec, own in lc._FWD_BY_PRECISION.items():
