@@ -95,7 +95,7 @@ def _conv_case_name(c, k, nb, prec, variant):
 
 
 def conv_cases(channels=CONV_CHANNELS, ksizes=(3, 1), batches=CONV_BATCHES, precisions=CONV_PRECISIONS,
-               variants=("fwd", "fwd-epilogue", "bwd")):
+               variants=("fwd", "fwd-epilogue", "bwd", "bwd-relu", "fwd-v1", "bwd-v1")):
     out = []
     for c in channels:
         for k in ksizes:
@@ -144,8 +144,9 @@ def full_cases():
 def quick_cases():
     """A representative subset: every kernel, both dot precisions that layers use by default, the precision-sensitive
     ieee path of the conv, the CS sizes where register and shared-memory pressure peak (m = 272, 436, 545)."""
-    return (conv_cases(channels=(32,), ksizes=(3,), batches=(8,), precisions=("tf32", "bf16"), variants=("fwd", "bwd"))
-            + conv_cases(channels=(32,), ksizes=(3,), batches=(8,), precisions=("ieee",), variants=("fwd",))
+    return (conv_cases(channels=(32,), ksizes=(3,), batches=(8,), precisions=("tf32", "bf16"),
+                       variants=("fwd", "bwd-relu", "fwd-v1", "bwd-v1"))
+            + conv_cases(channels=(32,), ksizes=(3,), batches=(8,), precisions=("ieee",), variants=("fwd", "fwd-v1"))
             + cs_cases(ratios=(0.25,), algorithms=("two_gemm",), batches=(16,))
             + cs_cases(ratios=(0.25,), precisions=("bf16",), algorithms=("two_gemm",), passes=("bwd",), batches=(1,))
             + cs_cases(ratios=(0.40,), precisions=("bf16",), algorithms=("two_gemm",), passes=("fwd",), batches=(16,))
@@ -179,20 +180,30 @@ def _gen_conv(c, k, nb, prec, variant):
     b = torch.empty(c, rank, **meta)
     bias = torch.empty(c, **meta)
     p = _fp32_precision(prec)
-    if variant == "fwd":
-        lc.lora_conv2d_forward(x, w, a, b, 1.0, bias, None, False, 1.0, p, write_mask=False)
-    elif variant == "fwd-epilogue":
-        # The residual block's second conv: bias, ReLU, out_scale, residual, and the saved ReLU mask.
-        lc.lora_conv2d_forward(x, w, a, b, 1.0, bias, torch.empty_like(x), True, 0.5, p, write_mask=True)
-    else:
-        g = torch.empty_like(x)
-        lc.lora_conv2d_backward(g, x, w, a, b, None, 1.0, False, False, 1.0, p,
-                                need_x=True, need_w=False, need_a=True, need_b=True, need_bias=False)
+    version = "v1" if variant.endswith("-v1") else "v2"
+    variant = variant.removesuffix("-v1")
+    from lorun_fast.kernels.settings import use_conv_kernel
+    with use_conv_kernel(version):
+        if variant == "fwd":
+            lc.lora_conv2d_forward(x, w, a, b, 1.0, bias, None, False, 1.0, p, write_mask=False)
+        elif variant == "fwd-epilogue":
+            # The residual block's second conv: bias, ReLU, out_scale, residual, and the saved ReLU mask.
+            lc.lora_conv2d_forward(x, w, a, b, 1.0, bias, torch.empty_like(x), True, 0.5, p, write_mask=True)
+        elif variant == "bwd-relu":
+            # The residual block's first conv in training: ReLU mask from the saved output, dbias with dW (v2
+            # forms out_scale·G·[y > 0] inside the dx and dW kernels).
+            g = torch.empty_like(x)
+            lc.lora_conv2d_backward(g, x, w, a, b, torch.empty_like(x), 1.0, True, True, 0.5, p,
+                                    need_x=True, need_w=True, need_a=True, need_b=True, need_bias=True)
+        else:
+            g = torch.empty_like(x)
+            lc.lora_conv2d_backward(g, x, w, a, b, None, 1.0, False, False, 1.0, p,
+                                    need_x=True, need_w=False, need_a=True, need_b=True, need_bias=False)
 
 
 def _gen_cs(m, prec, alg, pas, nb):
     import torch
-    from lorun_fast.kernels import gd_step as gd
+    from lorun_fast.kernels import gd_step_cs as gd
     dt = _dtype(prec)
     n = CS_BLOCK * CS_BLOCK
     hb = -(-CS_HW // CS_BLOCK)
@@ -211,7 +222,7 @@ def _gen_cs(m, prec, alg, pas, nb):
 
 def _gen_cassi(prec, pas, nb):
     import torch
-    from lorun_fast.kernels import gd_step as gd
+    from lorun_fast.kernels import gd_step_cassi as gd
     dt = _dtype(prec)
     x = torch.empty(nb, CASSI_BANDS, CASSI_HW, CASSI_HW, device="meta", dtype=dt)
     wy = CASSI_HW + CASSI_STEP * (CASSI_BANDS - 1)
@@ -227,7 +238,7 @@ def _gen_cassi(prec, pas, nb):
 
 def _gen_sr(s, prec, pas, nb):
     import torch
-    from lorun_fast.kernels import gd_step as gd
+    from lorun_fast.kernels import gd_step_sr as gd
     dt = _dtype(prec)
     x = torch.empty(nb, SR_CHANNELS, SR_HW, SR_HW, device="meta", dtype=dt)
     y = torch.empty(nb, SR_CHANNELS, SR_HW // s, SR_HW // s, device="meta", dtype=dt)
@@ -257,7 +268,8 @@ def _gen_bicubic(s, prec, pas, nb):
 
 GENERATORS: dict[str, Callable] = {"conv": _gen_conv, "cs": _gen_cs, "cassi": _gen_cassi, "sr": _gen_sr,
                                    "bicubic": _gen_bicubic}
-KERNEL_MODULES = ("lorun_fast.kernels.lora_conv", "lorun_fast.kernels.gd_step", "lorun_fast.kernels.gd_step_bicubic")
+KERNEL_MODULES = ("lorun_fast.kernels.lora_conv", "lorun_fast.kernels.gd_step_cs", "lorun_fast.kernels.gd_step_cassi",
+                  "lorun_fast.kernels.gd_step_sr", "lorun_fast.kernels.gd_step_bicubic")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -504,7 +516,7 @@ def _occupancy(arch, regs, warps, shared):
 
 
 def _cs_update_smem_model(nargs, kwargs, cfg, arch):
-    from lorun_fast.kernels import gd_step as gd
+    from lorun_fast.kernels import gd_step_cs as gd
     return gd._cs_update_smem(cfg, kwargs["KSPLIT"], nargs["phi_ptr"].element_size(), kwargs["WRITE_Z"],
                               (arch // 10, arch % 10))
 

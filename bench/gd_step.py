@@ -29,8 +29,8 @@ Providers per op:
   matrix, with ``PhiTPhi = ΦᵀΦ`` and ``PhiTb = y @ Φ`` formed inside every call (ISTA-Net forms them once per
   network forward and reuses them over its phases; here one call is one step), and the unfold/fold copies it needs
   (``ista_mm_step``).
-- ``fused-two-gemm`` / ``fused-one-gemm`` (CS), ``fused`` (CASSI, SR): ``lorun_fast.kernels.gd_step``; ``fused``
-  (bicubic): ``lorun_fast.kernels.gd_step_bicubic`` (CUDA only).
+- ``fused-two-gemm`` / ``fused-one-gemm`` (CS), ``fused`` (CASSI, SR, bicubic): ``lorun_fast.kernels.gd_step_cs``,
+  ``gd_step_cassi``, ``gd_step_sr`` and ``gd_step_bicubic`` (CUDA only).
   One-GEMM's Gram matrix ΦᵀΦ is cached per Φ by the kernel module (formed on the first call, not timed).
 
 Passes: ``forward`` (inference, under ``torch.no_grad()``) and ``forward+backward`` (training: ``torch.autograd.grad``
@@ -366,18 +366,20 @@ def make_provider(name: str, prob: Problem, precision: str) -> Provider:
             raise ValueError("provider ista-mm: CS only")
         return Provider(name, lambda x, y, rho: ista_mm_step(op, x, y, rho))
     # Fused providers: imported only when asked for (run() skips them without CUDA).
-    from lorun_fast.kernels import gd_step as kernels
     if prob.op_name == "cs" and name in ("fused-two-gemm", "fused-one-gemm"):
+        from lorun_fast.kernels.gd_step_cs import gd_step_cs
         algorithm = "two_gemm" if name == "fused-two-gemm" else "one_gemm"
         input_precision = "tf32" if precision == "tf32" else "ieee"
-        return Provider(name, lambda x, y, rho: kernels.gd_step_cs(x, y, op.phi, rho, algorithm=algorithm,
-                                                                    input_precision=input_precision,
-                                                                    block_size=op.block_size))
+        return Provider(name, lambda x, y, rho: gd_step_cs(x, y, op.phi, rho, algorithm=algorithm,
+                                                           input_precision=input_precision,
+                                                           block_size=op.block_size))
     if prob.op_name == "cassi" and name == "fused":
-        return Provider(name, lambda x, y, rho: kernels.gd_step_cassi(x, y, op.mask, rho, step=op.step,
-                                                                       num_bands=op.num_bands))
+        from lorun_fast.kernels.gd_step_cassi import gd_step_cassi
+        return Provider(name, lambda x, y, rho: gd_step_cassi(x, y, op.mask, rho, step=op.step,
+                                                              num_bands=op.num_bands))
     if prob.op_name == "sr" and name == "fused":
-        return Provider(name, lambda x, y, rho: kernels.gd_step_sr(x, y, op.kernel, rho, scale=op.scale))
+        from lorun_fast.kernels.gd_step_sr import gd_step_sr
+        return Provider(name, lambda x, y, rho: gd_step_sr(x, y, op.kernel, rho, scale=op.scale))
     if prob.op_name == "bicubic" and name == "fused":
         from lorun_fast.kernels.gd_step_bicubic import gd_step_bicubic
         return Provider(name, lambda x, y, rho: gd_step_bicubic(x, y, rho, scale=op.scale))

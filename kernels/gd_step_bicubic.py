@@ -12,7 +12,7 @@ matrices the reference uses, rounded to x's dtype as the reference rounds them):
   weights (zero-padded: index 0, weight 0, so no lane needs a mask).
 * ``adj_index`` / ``adj_weight`` (n, TA): for HR index p, the LR indices with ``M[·, p] ≠ 0`` and their weights.
 
-Two launches, for the reason the Gaussian SR step has two (``gd_step``'s module docstring): every HR output of
+Two launches, for the reason the Gaussian SR step has two (``gd_step_sr``'s module docstring): every HR output of
 ``Aᵀ r`` needs r on an LR neighbourhood owned by other programs, and every r value needs a 4s-wide HR neighbourhood.
 
 1. ``_bicubic_residual_kernel`` (LR grid): ``r[i, j] = Σ_t Σ_u wh[i, t]·ww[j, u]·x[ih[i, t], iw[j, u]] − y[i, j]``
@@ -28,7 +28,8 @@ Backward (see ``GDStepBicubicFunction``): ``dx = G − ρ·AᵀA G``, ``dy = ρ�
 same two kernels on G.
 
 Precision: float32, bfloat16 and float16 inputs; weights in x's dtype, everything accumulated in fp32, z rounded once.
-The launch helpers, checks and the NaN-poisoning test switch (``gd_step.POISON_OUTPUTS``) are ``gd_step``'s.
+The row configs, launch functions, checks and the NaN-poisoning test switch (``gd_step_common.POISON_OUTPUTS``) are
+``gd_step_common``'s.
 """
 from collections import OrderedDict
 from typing import Optional, Tuple
@@ -38,9 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lorun_fast.kernels.gd_step import (_SR_CONFIGS, _as_rho, _backward_fakes, _check_device, _check_runnable,
-                                        _check_x, _check_y, _empty, _finish_backward, _mark_residual, _nothing,
-                                        _prune_rows)
+from lorun_fast.kernels.gd_step_common import (_SR_CONFIGS, _as_rho, _backward_fakes, _check_device,
+                                               _check_runnable, _check_x, _check_y, _empty, _finish_backward,
+                                               _forward_fakes, _mark_residual, _nothing, _prune_rows)
 from lorun_fast.reference.bicubic import SUPPORTED_SCALES, _matrix_numpy
 
 __all__ = ["gd_step_bicubic", "GDStepBicubicFunction", "bicubic_forward", "bicubic_backward", "bicubic_tables",
@@ -301,7 +302,7 @@ def _gd_step_bicubic_op(x: torch.Tensor, y: torch.Tensor, rho: torch.Tensor,
 
 @_gd_step_bicubic_op.register_fake
 def _(x, y, rho, scale):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(y.shape, dtype=torch.float32)
+    return _forward_fakes(x, y)
 
 
 @torch.library.custom_op("lorun_fast::gd_step_bicubic_backward", mutates_args=())

@@ -6,20 +6,22 @@ A_adjoint, init, default_step and every check are the reference's; only ``gd_ste
 kernels apply. ``backend`` chooses:
 
 - ``"reference"``: always the reference ``gd_step`` (plain PyTorch).
-- ``"triton"``: always the fused kernels (``lorun_fast.kernels.gd_step``); errors if they cannot run the inputs
-  (e.g. float64, or CPU tensors without ``TRITON_INTERPRET=1``). The CPU interpreter tests use this.
+- ``"triton"``: always the fused kernels (``lorun_fast.kernels.gd_step_cs``, ``_cassi``, ``_sr``, ``_bicubic``);
+  errors if they cannot run the inputs (e.g. float64, or CPU tensors without ``TRITON_INTERPRET=1``). The CPU
+  interpreter tests use this.
 - ``"auto"`` (default): the module-level ``BACKEND`` decides; when that is ``"auto"`` too, the kernels run for CUDA
   tensors of a supported dtype (float32, bfloat16, float16) with y of x's dtype and device, a step that is a number
   or a one-element tensor on x's device, and an operator buffer (Φ, mask, blur kernel; the bicubic operator has
   none) on that device that does not need a gradient; the reference runs everything else (CPU tensors, float64, mixed dtypes, ...).
 
 ``fast_operator(op)`` turns a reference operator into its fast sibling sharing the same buffers (no copies);
-``reference_operator(op)`` goes back. The kernels module is imported on first use, so importing this module neither
+``reference_operator(op)`` goes back. The kernel modules are imported on first use, so importing this module neither
 imports triton nor fixes the interpreter choice.
 """
 from __future__ import annotations
 
 import copy
+import importlib
 
 import torch
 
@@ -37,14 +39,9 @@ BACKEND = "auto"
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _kernels():
-    from lorun_fast.kernels import gd_step  # noqa: PLC0415 (lazy: importing decorates the Triton kernels)
-    return gd_step
-
-
-def _bicubic_kernels():
-    from lorun_fast.kernels import gd_step_bicubic  # noqa: PLC0415 (lazy, as above)
-    return gd_step_bicubic
+def _kernels(module: str):
+    """``lorun_fast.kernels.<module>``, imported on first use (importing decorates the Triton kernels)."""
+    return importlib.import_module(f"lorun_fast.kernels.{module}")
 
 
 def _check_backend(backend: str) -> str:
@@ -77,7 +74,7 @@ class _FastMixin:
 
 
 class FastBlockCS(_FastMixin, BlockCS):
-    """``BlockCS`` whose ``gd_step`` runs ``gd_step_cs`` (one fused launch; see ``lorun_fast.kernels.gd_step``).
+    """``BlockCS`` whose ``gd_step`` runs ``gd_step_cs`` (see ``lorun_fast.kernels.gd_step_cs``).
 
     Extra arguments: ``backend`` ("auto" | "triton" | "reference"), ``algorithm`` ("auto" | "one_gemm" |
     "two_gemm") and ``input_precision`` ("ieee" | "tf32" | "tf32x3", float32 only).
@@ -93,7 +90,7 @@ class FastBlockCS(_FastMixin, BlockCS):
     def gd_step(self, x: torch.Tensor, y: torch.Tensor, rho) -> torch.Tensor:
         if not self._use_kernels(x, y, rho, self.phi):
             return super().gd_step(x, y, rho)
-        return _kernels().gd_step_cs(x, y, self.phi, rho, algorithm=self.algorithm,
+        return _kernels("gd_step_cs").gd_step_cs(x, y, self.phi, rho, algorithm=self.algorithm,
                                      input_precision=self.input_precision, block_size=self.block_size)
 
     def extra_repr(self) -> str:
@@ -110,7 +107,7 @@ class FastCASSI(_FastMixin, CASSI):
     def gd_step(self, x: torch.Tensor, y: torch.Tensor, rho) -> torch.Tensor:
         if not self._use_kernels(x, y, rho, self.mask):
             return super().gd_step(x, y, rho)
-        return _kernels().gd_step_cassi(x, y, self.mask, rho, step=self.step, num_bands=self.num_bands)
+        return _kernels("gd_step_cassi").gd_step_cassi(x, y, self.mask, rho, step=self.step, num_bands=self.num_bands)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._fast_repr()
@@ -126,7 +123,7 @@ class FastSuperResolution(_FastMixin, SuperResolution):
     def gd_step(self, x: torch.Tensor, y: torch.Tensor, rho) -> torch.Tensor:
         if not self._use_kernels(x, y, rho, self.kernel):
             return super().gd_step(x, y, rho)
-        return _kernels().gd_step_sr(x, y, self.kernel, rho, scale=self.scale)
+        return _kernels("gd_step_sr").gd_step_sr(x, y, self.kernel, rho, scale=self.scale)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._fast_repr()
@@ -143,7 +140,7 @@ class FastBicubicSR(_FastMixin, BicubicSR):
     def gd_step(self, x: torch.Tensor, y: torch.Tensor, rho) -> torch.Tensor:
         if not self._use_kernels(x, y, rho, None):
             return super().gd_step(x, y, rho)
-        return _bicubic_kernels().gd_step_bicubic(x, y, rho, scale=self.scale)
+        return _kernels("gd_step_bicubic").gd_step_bicubic(x, y, rho, scale=self.scale)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._fast_repr()

@@ -1,5 +1,5 @@
-"""Fused gradient-descent steps (lorun_fast.kernels.gd_step) and the fast operators (lorun_fast.operators) against the
-reference operators' ``gd_step`` in float64, forward and autograd (x, y, ρ).
+"""Fused gradient-descent steps (lorun_fast.kernels.gd_step_cs / _cassi / _sr / _bicubic) and the fast operators
+(lorun_fast.operators) against the reference operators' ``gd_step`` in float64, forward and autograd (x, y, ρ).
 
 Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors. The interpreter costs ~0.1 ms per tile
 operation, so the CPU cases are few and small (this file takes about a minute on two busy cores); the realistic
@@ -10,7 +10,7 @@ import os
 import torch
 
 # Triton decides between compiling and interpreting when a kernel is *decorated*, i.e. when
-# lorun_fast.kernels.gd_step is first imported, so the variable must be set before that import.
+# the lorun_fast.kernels.gd_step_* modules are first imported, so the variable must be set before that import.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -22,20 +22,23 @@ import pytest  # noqa: E402
 from lorun_fast import operators as fops  # noqa: E402
 from lorun_fast.io import data_root  # noqa: E402
 from lorun_fast.kernels import gd_step as gs  # noqa: E402
-from lorun_fast.kernels.gd_step import gd_step_cassi, gd_step_cs, gd_step_sr  # noqa: E402
+from lorun_fast.kernels import gd_step_common, gd_step_cs as gs_cs  # noqa: E402
 from lorun_fast.kernels.gd_step_bicubic import gd_step_bicubic  # noqa: E402
+from lorun_fast.kernels.gd_step_cassi import gd_step_cassi  # noqa: E402
+from lorun_fast.kernels.gd_step_cs import gd_step_cs  # noqa: E402
+from lorun_fast.kernels.gd_step_sr import gd_step_sr  # noqa: E402
 from lorun_fast.reference.bicubic import BicubicSR  # noqa: E402
 from lorun_fast.reference.operators import (  # noqa: E402
     CASSI, BlockCS, SuperResolution, gaussian_kernel, load_mat_array)
 
-INTERPRET = gs._INTERPRET
+INTERPRET = gd_step_common._INTERPRET
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
 
 pytestmark = [
     pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET,
-                       reason="lorun_fast.kernels.gd_step was imported before TRITON_INTERPRET=1 was set and there is "
-                              "no CUDA device (tests/conftest.py should set TRITON_INTERPRET=1 without CUDA)"),
+                       reason="lorun_fast.kernels.gd_step_* were imported before TRITON_INTERPRET=1 was set and "
+                              "there is no CUDA device (tests/conftest.py should set TRITON_INTERPRET=1 without CUDA)"),
     pytest.mark.usefixtures("single_thread"),
 ]
 gpu_only = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA device and compiled (not interpreted) "
@@ -58,11 +61,12 @@ TOL = {
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every buffer the launchers allocate starts as NaN, so an element the kernels skip shows up as NaN."""
-    monkeypatch.setattr(gs, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(gd_step_common, "POISON_OUTPUTS", True)
+    assert gd_step_common._empty((2,), torch.empty(0)).isnan().all(), "poisoning is not active"
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# helpers
+# shared test code
 # --------------------------------------------------------------------------------------------------------------------
 
 def _gen(seed):
@@ -199,7 +203,7 @@ def test_cs_matches_reference_with_gradients(size, n, c, phi_spec, algorithm):
 def test_cs_two_gemm_split_reduction(monkeypatch, ksplit):
     """The first GEMM's pixel reduction in 1 range (r written directly) and in 3 (partial sums added by the second
     kernel); the shape alone picks 9 for these small test images, which the cases above cover."""
-    monkeypatch.setattr(gs, "_cs_ksplit", lambda nblk, m, np_: ksplit)
+    monkeypatch.setattr(gs_cs, "_cs_ksplit", lambda nblk, m, np_: ksplit)
     op = _gaussian_cs(0.25, 3)
     case = make_case(op, (2, 1, 40, 70), seed=21 + ksplit)
     check_against_reference(op, cs_fn(op, algorithm="two_gemm"), case)
@@ -207,10 +211,10 @@ def test_cs_two_gemm_split_reduction(monkeypatch, ksplit):
 
 def test_cs_split_depends_on_the_shape_only():
     # 256² at batch 1: 64 blocks, split 9 ways; batch 16: 1024 blocks, no split; 8×8 blocks: one 128-pixel chunk.
-    assert gs._cs_ksplit(64, 272, 1152) == 9
-    assert gs._cs_ksplit(256, 272, 1152) == 3
-    assert gs._cs_ksplit(1024, 272, 1152) == 1
-    assert gs._cs_ksplit(4, 16, 128) == 1
+    assert gs_cs._cs_ksplit(64, 272, 1152) == 9
+    assert gs_cs._cs_ksplit(256, 272, 1152) == 3
+    assert gs_cs._cs_ksplit(1024, 272, 1152) == 1
+    assert gs_cs._cs_ksplit(4, 16, 128) == 1
 
 
 @pytest.mark.data
@@ -261,15 +265,26 @@ def test_cs_strided_input_and_shape1_rho():
 
 def test_cs_prepared_phi_is_cached_per_version():
     phi = _random_phi(40, 9).float()
-    a = gs._cs_prepared(phi, torch.float32, 33)
-    assert gs._cs_prepared(phi, torch.float32, 33) is a
-    assert gs._cs_prepared(phi, torch.bfloat16, 33) is not a
+    a = gs_cs._cs_prepared(phi, torch.float32, 33)
+    assert gs_cs._cs_prepared(phi, torch.float32, 33) is a
+    assert gs_cs._cs_prepared(phi, torch.bfloat16, 33) is not a
     phi.mul_(2.0)  # in place: the version counter moves, the cache must not serve the old Φ
-    b = gs._cs_prepared(phi, torch.float32, 33)
+    b = gs_cs._cs_prepared(phi, torch.float32, 33)
     assert b is not a and torch.equal(b.phi_c, phi)
-    assert b.mp == 128 and gs._cs_prepared(_random_phi(272, 9).float(), torch.float32, 33).mp == 384
-    assert gs.resolve_cs_algorithm("auto", 272, 1089) == "two_gemm"
-    assert gs.resolve_cs_algorithm("auto", 545, 1089) == "one_gemm"
+    assert b.mp == 128 and gs_cs._cs_prepared(_random_phi(272, 9).float(), torch.float32, 33).mp == 384
+    assert gs_cs.resolve_cs_algorithm("auto", 272, 1089) == "two_gemm"
+    assert gs_cs.resolve_cs_algorithm("auto", 545, 1089) == "one_gemm"
+
+
+def test_gd_step_module_reexports_the_steps_and_forwards_the_poison_switch(monkeypatch):
+    """``lorun_fast.kernels.gd_step`` keeps the names it always had; its ``POISON_OUTPUTS`` is the common one."""
+    assert (gs.gd_step_cs, gs.gd_step_cassi, gs.gd_step_sr) == (gd_step_cs, gd_step_cassi, gd_step_sr)
+    assert set(gs.__all__) <= set(dir(gs))
+    assert gs.POISON_OUTPUTS is True  # set by the autouse fixture, on gd_step_common
+    monkeypatch.setattr(gs, "POISON_OUTPUTS", False)
+    assert gd_step_common.POISON_OUTPUTS is False
+    monkeypatch.setattr(gs, "POISON_OUTPUTS", True)
+    assert gd_step_common.POISON_OUTPUTS is True
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -498,13 +513,13 @@ def test_fast_operators_match_reference_gd_step():
 
 def test_fast_operator_backend_choice(monkeypatch):
     calls = []
-    original = gs.gd_step_cs
+    original = gs_cs.gd_step_cs
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(gs, "gd_step_cs", counting)
+    monkeypatch.setattr(gs_cs, "gd_step_cs", counting)
     ref_op = _gaussian_cs(0.25, 3)
     fast = fops.fast_operator(ref_op)
     # The same buffer tensors, not copies; the module containers are separate.
