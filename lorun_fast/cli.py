@@ -17,17 +17,25 @@ import threading
 import warnings
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
-
 # torch is imported inside the commands, not here: the CLI must start, and answer Ctrl-C, before torch has loaded.
+# The choices come from modules that import nothing heavy.
+from lorun_fast.names import BACKBONE_NAMES, DEGRADATIONS, PRECISIONS, SR_SCALES, STRATEGIES, TRAIN_BACKENDS
+from lorun_fast.tasks import TASK_NAMES
+
+__all__ = ["main", "build_parser", "add_model_options"]
+
 DTYPES = ("bfloat16", "float32", "float64")
-STRATEGY_CHOICES = ("block", "shared", "lorun")
-BACKBONE_CHOICES = ("resunet", "ista_net_plus")
-TRAIN_BACKEND_CHOICES = ("auto", "reference", "merged", "triton")
 
 
 class CLIError(Exception):
     """A usage error with a message for the user (exit status 2)."""
+
+
+#: What :func:`main` reports as ``error: <message>`` with exit status 2: the command's own usage errors, files that
+#: cannot be read or written, values the library refuses (ValueError; a .mat file without the expected key raises
+#: ``MissingKeyError``, a ValueError too) and a training or reconstruction that went non-finite. Anything else (a
+#: TypeError, a KeyError, ...) is a bug and surfaces as a traceback.
+USER_ERRORS = (CLIError, OSError, ValueError, FloatingPointError)
 
 
 #: Set by the command line's own Ctrl-C handler (:func:`install_interrupt_handler`): a library may catch and drop
@@ -85,7 +93,7 @@ def _add_task_options(parser) -> None:
 
 
 def _add_degradation_options(group, default_prefix: str = "default ") -> None:
-    group.add_argument("--degradation", choices=("bicubic", "gaussian"),
+    group.add_argument("--degradation", choices=DEGRADATIONS,
                        help=f"how the LR image is made: MATLAB bicubic (the SR benchmarks') or Gaussian blur + "
                             f"decimation, circular boundaries ({default_prefix}bicubic)")
     group.add_argument("--blur-sigma", type=_positive(float),
@@ -109,7 +117,7 @@ def _operator(args, checkpoint=None, adapters=None):
     contradicts the recorded one is refused unless --force-task."""
     from lorun_fast.checkpoints import task_of
     from lorun_fast.reference import BlockCS
-    from lorun_fast.train import operator_from_task
+    from lorun_fast.tasks.cs import operator_from_task
 
     if args.qinit is not None and args.phi is None:
         raise CLIError("--qinit needs --phi")
@@ -219,7 +227,6 @@ def _check_eval_out(args, images: list[Path], names: list[str]) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 # eval
 # ----------------------------------------------------------------------------------------------------------------
-TASKS = ("cs", "cassi", "sr")
 METHODS = {"cs": ("model",), "cassi": ("model", "x0", "gap-tv"), "sr": ("model", "bicubic")}
 
 
@@ -811,6 +818,17 @@ def _split(text: str | None) -> tuple[str, ...]:
     return tuple(item for item in (text or "").split(",") if item)
 
 
+def _model_config(args, strategy: str, backbone: str, backbone_kwargs: dict):
+    """The ModelConfig of :func:`add_model_options`' options, with their defaults (9 stages, γ = 10, every
+    convolution a target), for ``strategy`` and the resolved backbone."""
+    from lorun_fast.models import ModelConfig
+
+    return ModelConfig(strategy=strategy, num_stages=args.stages or 9, backbone=backbone,
+                       backbone_kwargs=backbone_kwargs, rank=args.rank,
+                       gamma=10.0 if args.gamma is None else args.gamma, alpha=args.alpha,
+                       targets=_split(args.targets) or ("*",), per_stage=_split(args.per_stage))
+
+
 def cmd_describe(args) -> int:
     from lorun_fast.models import ModelConfig, build_dun, lorun_from
     from lorun_fast.reference import BlockCS
@@ -852,24 +870,22 @@ def cmd_describe(args) -> int:
         kwargs = get_task(args.task or "cs").backbone_kwargs(backbone, _backbone_kwargs(args))
     except ValueError as err:
         raise CLIError(f"--backbone {backbone}: {err}") from err
-    stages = args.stages or 9
-    gamma = 10.0 if args.gamma is None else args.gamma
-    targets = _split(args.targets) or ("*",)
-    per_stage = _split(args.per_stage)
+    config = _model_config(args, "lorun", backbone, kwargs)
     rows = []
     for strategy in ("block", "shared"):
-        config = ModelConfig(strategy=strategy, num_stages=stages, backbone=backbone, backbone_kwargs=kwargs)
-        rows.append((strategy, build_dun(operator, config).parameter_counts()))
-    shared = build_dun(operator, ModelConfig(strategy="shared", num_stages=stages, backbone=backbone,
+        plain = ModelConfig(strategy=strategy, num_stages=config.num_stages, backbone=backbone, backbone_kwargs=kwargs)
+        rows.append((strategy, build_dun(operator, plain).parameter_counts()))
+    shared = build_dun(operator, ModelConfig(strategy="shared", num_stages=config.num_stages, backbone=backbone,
                                              backbone_kwargs=kwargs))
-    lorun = lorun_from(shared, rank=args.rank, gamma=gamma, alpha=args.alpha, targets=targets, per_stage=per_stage)
+    lorun = lorun_from(shared, rank=config.rank, gamma=config.gamma, alpha=config.alpha, targets=config.targets,
+                       per_stage=config.per_stage)
     rows.append(("lorun", lorun.parameter_counts()))
     if args.json:
         print(json.dumps([{"model": name, **counts} for name, counts in rows]))
         return 0
-    rule = f"rank {args.rank}" if args.rank else f"γ = {gamma:g}"
-    print(f"{args.task or 'cs'}: {backbone} {kwargs}, {stages} stages, LoRA {rule} on {list(targets)}"
-          + (f", per-stage {list(per_stage)}" if per_stage else ""))
+    rule = f"rank {config.rank}" if config.rank else f"γ = {config.gamma:g}"
+    print(f"{args.task or 'cs'}: {backbone} {kwargs}, {config.num_stages} stages, LoRA {rule} on "
+          f"{list(config.targets)}" + (f", per-stage {list(config.per_stage)}" if config.per_stage else ""))
     print(_describe_rows(rows))
     print("lorun: 'trainable' is phase 2 (adapters, step sizes and per-stage parameters; the base is frozen)")
     return 0
@@ -959,10 +975,12 @@ def _train_config(args):
         from lorun_fast.tasks.cassi import HELD_OUT
 
         exclude = list(HELD_OUT) if args.exclude is None else list(_split(args.exclude))
+    try:
+        model = _model_config(args, args.strategy, backbone, kwargs)
+    except ValueError as err:
+        raise _as_option_error(err) from err
     return TrainConfig(
-        strategy=args.strategy, num_stages=args.stages, backbone=backbone, backbone_kwargs=kwargs,
-        rank=args.rank, gamma=10.0 if args.gamma is None else args.gamma, alpha=args.alpha,
-        targets=list(_split(args.targets)) or ["*"], per_stage=list(_split(args.per_stage)), task_name=args.task,
+        model=model, task_name=args.task,
         ratio=ratio, phi=args.phi, qinit=args.qinit, mask=args.mask, exclude=exclude, scale=args.scale or 4,
         degradation=args.degradation or "bicubic", blur_sigma=args.blur_sigma, blur_size=args.blur_size,
         gaussian_seed=args.gaussian, base=args.base, base_phase=args.base_phase, steps=args.steps,
@@ -991,7 +1009,7 @@ def _as_option_error(err: ValueError) -> CLIError:
 def _ignored_on_resume(args, recorded) -> list[str]:
     """One line per option given with --resume whose value differs from what the run records (and is not used)."""
     lines = []
-    recorded_dict = recorded.to_dict()
+    recorded_dict = {**recorded.to_dict(), **recorded.model.to_dict()}  # the fields as options name them
     for dest, value in _explicit(args).items():
         field_name = TRAIN_FIELDS[dest]
         shown = recorded_dict[field_name]
@@ -1051,7 +1069,7 @@ def cmd_train(args) -> int:
               f"(continue with: lorun-fast train --out {out} --resume)", file=sys.stderr)
         return 130 if trainer.stop_requested else 0
     counts = summary["parameters"]
-    print(f"done: {config.strategy}, {summary['steps']} steps in {summary['train_seconds']:.1f} s of training; "
+    print(f"done: {config.model.strategy}, {summary['steps']} steps in {summary['train_seconds']:.1f} s of training; "
           f"{counts['total']:,} parameters ({counts['trainable']:,} trained last)")
     if summary.get("last_val"):
         print(f"validation: PSNR {summary['last_val']['psnr']:.2f} dB, SSIM {summary['last_val']['ssim']:.4f}")
@@ -1093,7 +1111,18 @@ def _add_model_source(parser, required=True) -> None:
     parser.add_argument("--adapters", help="an adapters-<name>.safetensors set to put on the base in --checkpoint")
 
 
-def _add_lora_options(group) -> None:
+def add_model_options(group, *, train: bool) -> None:
+    """The model's options, the same for train and describe (:func:`_model_config` reads them): strategy (train
+    only: describe shows every strategy), stages, backbone, width, residual blocks and the LoRA settings."""
+    if train:
+        group.add_argument("--strategy", choices=STRATEGIES, default="lorun")
+    group.add_argument("--stages", type=_positive(int), default=9 if train else None,
+                       help="number of DUN stages K" + ("" if train else " (default 9)"))
+    group.add_argument("--backbone", choices=BACKBONE_NAMES,
+                       help="default resunet" + (" (or the --base's)" if train else ""))
+    group.add_argument("--channels", type=_positive(int), help="width c (resunet: [c,2c,4c,8c]; default 16, "
+                       "ista_net_plus 32)")
+    group.add_argument("--blocks", type=_number(int, 0), help="resunet residual blocks per level (default 1)")
     rank = group.add_mutually_exclusive_group()
     rank.add_argument("--rank", type=_positive(int), help="LoRA rank of every layer (clamped, with a warning, to a "
                       "layer's min(in, out)); default: the γ rule")
@@ -1125,17 +1154,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
                     "with its saved config.json (options that differ are named and not used; a new or empty "
                     "--out starts a new run)")
-    g = tr.add_argument_group("model")
-    g.add_argument("--strategy", choices=STRATEGY_CHOICES, default="lorun")
-    g.add_argument("--stages", type=_positive(int), default=9, help="number of DUN stages K")
-    g.add_argument("--backbone", choices=BACKBONE_CHOICES, help="default resunet (or the --base's)")
-    g.add_argument("--channels", type=_positive(int), help="width c (resunet: [c,2c,4c,8c]; default 16, "
-                   "ista_net_plus 32)")
-    g.add_argument("--blocks", type=_number(int, 0), help="resunet residual blocks per level (default 1)")
-    _add_lora_options(g)
-    tr.add_argument("--task", choices=("cs", "cassi", "sr"), default="cs", help="the restoration task")
+    add_model_options(tr.add_argument_group("model"), train=True)
+    tr.add_argument("--task", choices=TASK_NAMES, default="cs", help="the restoration task")
     g = tr.add_argument_group("sr task")
-    g.add_argument("--scale", type=int, choices=(2, 3, 4), help="the SR scale (default 4)")
+    g.add_argument("--scale", type=int, choices=SR_SCALES, help="the SR scale (default 4)")
     _add_degradation_options(g)
     g = tr.add_argument_group("cassi task")
     g.add_argument("--mask", help="coded-aperture mask .mat (default $LORUN_DATA/cassi/mask.mat)")
@@ -1176,9 +1198,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=_number(float, 0), default=0.0)
     g.add_argument("--grad-clip", type=_number(float, 0), default=1.0, help="max gradient norm (0: no clipping)")
     g.add_argument("--seed", type=_number(int, 0), default=0, help="seed of the initialisation and of the data")
-    g.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+    g.add_argument("--precision", choices=PRECISIONS, default="float32",
                    help="bfloat16: autocast of the forward pass")
-    g.add_argument("--backend", choices=TRAIN_BACKEND_CHOICES, default="auto",
+    g.add_argument("--backend", choices=TRAIN_BACKENDS, default="auto",
                    help="LoRA layers in phase 2: fused (auto: triton on CUDA, merged on CPU) or peft's reference")
     g = tr.add_argument_group("run")
     g.add_argument("--log-every", type=_positive(int), default=10, help="log.jsonl train events every N steps")
@@ -1199,7 +1221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_source(ev, required=False)
     ev.add_argument("--images", required=True, nargs="+", help="test images: folders and/or files (e.g. "
                     "$LORUN_DATA/Set11); .mat/.npy cubes for cassi; HR images for sr")
-    ev.add_argument("--task", choices=TASKS, help="default: what the checkpoint records, else cs")
+    ev.add_argument("--task", choices=TASK_NAMES, help="default: what the checkpoint records, else cs")
     ev.add_argument("--method", default="model", choices=("model", "x0", "gap-tv", "bicubic"),
                     help="model (the checkpoint; cs, cassi); x0 (the initialisation) or gap-tv (Yuan 2016) for "
                          "cassi; bicubic (MATLAB bicubic upscaling) for sr")
@@ -1213,7 +1235,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cube-layout", choices=("hwb", "bhw"), help="axis order of the cubes (default: detected)")
     g.add_argument("--gap-iterations", type=_positive(int), default=100, help="GAP-TV iterations")
     g = ev.add_argument_group("sr task")
-    g.add_argument("--scale", type=int, choices=(2, 3, 4), help="super-resolution factor (default: the "
+    g.add_argument("--scale", type=int, choices=SR_SCALES, help="super-resolution factor (default: the "
                    "checkpoint's, else 4)")
     _add_degradation_options(g, "default: the checkpoint's, else ")
     ev.add_argument("--out", help="folder for reconstructions (PNG) and results.csv: new, empty or an earlier "
@@ -1229,7 +1251,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "PNG out, with PSNR/SSIM against the original. Or reconstruct a saved measurement "
                              "(--measurement y.npy of shape (Hb, Wb, m)); PSNR then needs --original.")
     _add_model_source(rs, required=False)
-    rs.add_argument("--task", choices=("cs", "cassi", "sr"), help="default: what the checkpoint records, else cs")
+    rs.add_argument("--task", choices=TASK_NAMES, help="default: what the checkpoint records, else cs")
     rs.add_argument("--method", default="model", choices=("model", "x0", "gap-tv", "bicubic"),
                     help="cassi: x0 or gap-tv instead of a model; sr: bicubic")
     source = rs.add_mutually_exclusive_group(required=True)
@@ -1242,7 +1264,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--out", required=True, help="the reconstruction (.png for cs; .npy or .mat cube for cassi); "
                     "never one of the inputs")
     g = rs.add_argument_group("sr task")
-    g.add_argument("--scale", type=int, choices=(2, 3, 4), help="default: the checkpoint's, else 4")
+    g.add_argument("--scale", type=int, choices=SR_SCALES, help="default: the checkpoint's, else 4")
     g.add_argument("--degrade", action="store_true", help="--image is an HR image: degrade it here (the "
                    "--degradation) and report PSNR/SSIM against it")
     _add_degradation_options(g, "default: the checkpoint's, else ")
@@ -1262,13 +1284,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "and lorun strategies for a backbone, or of one checkpoint (--checkpoint [--adapters]; "
                              "its architecture comes from the file).")
     _add_model_source(ds, required=False)
-    ds.add_argument("--task", choices=("cs", "cassi", "sr"), help="the task's images (1 channel for cs and sr, "
+    ds.add_argument("--task", choices=TASK_NAMES, help="the task's images (1 channel for cs and sr, "
                     "28 bands for cassi); default cs")
-    ds.add_argument("--backbone", choices=BACKBONE_CHOICES, help="default resunet")
-    ds.add_argument("--channels", type=_positive(int), help="width (default 16 for resunet, 32 for ista_net_plus)")
-    ds.add_argument("--blocks", type=_number(int, 0), help="resunet residual blocks per level (default 1)")
-    ds.add_argument("--stages", type=_positive(int), help="default 9")
-    _add_lora_options(ds)
+    add_model_options(ds, train=False)
     ds.add_argument("--json", action="store_true", help="print JSON")
     ds.set_defaults(func=cmd_describe)
     return parser
@@ -1288,10 +1306,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except CLIError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError, KeyError, TypeError, ArithmeticError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -1,5 +1,5 @@
-"""Training DUNs for any task (:mod:`lorun_fast.tasks`: block CS, CASSI): the ``block``, ``shared`` and ``lorun``
-strategies.
+"""Training DUNs for any task (:mod:`lorun_fast.tasks`: block CS, CASSI, SR): the ``block``, ``shared`` and ``lorun``
+strategies (docs/design.md §5; the run folder and its guarantees: docs/training.md).
 
 ``lorun`` trains in two phases:
 
@@ -41,7 +41,6 @@ import json
 import math
 import os
 import re
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,17 +53,22 @@ from lorun_fast.io import (TEMP_NAME, atomic_write_bytes, atomic_write_text, che
                           remove_stale_temps)
 from lorun_fast.models import (ModelConfig, base_of, build_dun, dataclass_from_dict, lorun_from, shared_from_block,
                                to_fast)
-from lorun_fast.reference import STRATEGIES, BlockCS, DUN
+from lorun_fast.names import PRECISIONS, STRATEGIES, TRAIN_BACKENDS
+from lorun_fast.reference import BlockCS, DUN
 from lorun_fast.reference.lora_conv import check_alpha
 from lorun_fast.tasks import TASK_NAMES, get_task
-from lorun_fast.tasks.cs import PatchSampler, operator_from_task
 
-__all__ = ["TrainConfig", "PatchSampler", "Trainer", "operator_from_task", "lr_at", "ddp_gradients", "run_training",
-           "read_log", "check_run_folder", "base_architecture", "RUN_FILES"]
+__all__ = ["TrainConfig", "Trainer", "lr_at", "run_training", "read_log", "check_run_folder", "base_architecture",
+           "RUN_FILES"]
 
-PRECISIONS = ("float32", "bfloat16")
-TRAIN_BACKENDS = ("auto", "reference", "merged", "triton")
 STATE_FORMAT = 1
+#: The fields of the model part of a TrainConfig (``TrainConfig.model``); config.json files written before it was
+#: nested hold them at the top level.
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def _default_model() -> ModelConfig:
+    return ModelConfig(backbone_kwargs={"channels": 16, "num_blocks": 1})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -74,16 +78,8 @@ STATE_FORMAT = 1
 class TrainConfig:
     """Everything a training run needs; saved as ``config.json`` in the run folder."""
 
-    # model
-    strategy: str = "lorun"
-    num_stages: int = 9
-    backbone: str = "resunet"
-    backbone_kwargs: dict = field(default_factory=lambda: {"channels": 16, "num_blocks": 1})
-    rank: int | None = None
-    gamma: float = 10.0
-    alpha: float | None = None
-    targets: list = field(default_factory=lambda: ["*"])
-    per_stage: list = field(default_factory=list)
+    # the model: strategy, stages, backbone and the LoRA settings (for lorun, of phase 2)
+    model: ModelConfig = field(default_factory=_default_model)
     # the task (lorun_fast.tasks): "cs", "cassi" or "sr"
     task_name: str = "cs"
     # cs: ISTA-Net's matrices for `ratio` (default), explicit files, or a seeded Gaussian Φ at `ratio`
@@ -128,11 +124,25 @@ class TrainConfig:
     adapter_name: str | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "model": self.model.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        return dataclass_from_dict(cls, data, "train config")
+        """The config of ``data``: ``to_dict``'s layout, or the flat one of config.json files written before the model
+        fields were nested (``strategy``, ``num_stages``, ... at the top level); missing model fields take the
+        defaults of ``TrainConfig().model``."""
+        data = dict(data)
+        flat = {name: data.pop(name) for name in MODEL_FIELDS if name in data}
+        model = data.pop("model", {})
+        if isinstance(model, ModelConfig):
+            model = model.to_dict()
+        if not isinstance(model, dict):
+            raise ValueError(f"train config: model: expected a dict of model fields, got {type(model).__name__}")
+        if flat and model:
+            raise ValueError(f"train config: the model fields {sorted(flat)} are given both at the top level and in "
+                             f"'model'; give them in 'model'")
+        model = ModelConfig.from_dict({**_default_model().to_dict(), **model, **flat})
+        return dataclass_from_dict(cls, {**data, "model": model}, "train config")
 
     # -- derived values -------------------------------------------------------------------------------------------
     def task(self) -> dict:
@@ -142,7 +152,7 @@ class TrainConfig:
     def resolved_phase1_steps(self) -> int:
         """Steps of phase 1: all of them for block/shared; for lorun ``phase1_steps`` (default half the steps, 0
         when a base is given)."""
-        if self.strategy != "lorun":
+        if self.model.strategy != "lorun":
             return self.steps
         if self.base:
             return 0
@@ -154,13 +164,14 @@ class TrainConfig:
         return get_task(self.task_name).default_adapter_name(self)
 
     def model_config(self, strategy: str | None = None) -> ModelConfig:
-        strategy = strategy or self.strategy
+        """The model a phase builds: ``model`` as the task sees it (its input channels), with ``strategy`` (default
+        the run's); the LoRA-only settings (rank, alpha, per_stage) are dropped for a strategy other than lorun."""
+        strategy = strategy or self.model.strategy
         lorun = strategy == "lorun"
-        kwargs = get_task(self.task_name).backbone_kwargs(self.backbone, self.backbone_kwargs)
-        return ModelConfig(strategy=strategy, num_stages=self.num_stages, backbone=self.backbone,
-                           backbone_kwargs=kwargs, rank=self.rank if lorun else None,
-                           gamma=self.gamma, alpha=self.alpha if lorun else None, targets=tuple(self.targets),
-                           per_stage=tuple(self.per_stage) if lorun else ())
+        kwargs = get_task(self.task_name).backbone_kwargs(self.model.backbone, self.model.backbone_kwargs)
+        return dataclasses.replace(self.model, strategy=strategy, backbone_kwargs=kwargs,
+                                   rank=self.model.rank if lorun else None, alpha=self.model.alpha if lorun else None,
+                                   per_stage=self.model.per_stage if lorun else ())
 
     def validate(self) -> "TrainConfig":
         def need(ok, message):
@@ -170,12 +181,15 @@ class TrainConfig:
         def finite(value) -> bool:
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-        need(self.strategy in STRATEGIES, f"strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
-        check_alpha(self.alpha)
-        need(finite(self.gamma) and 0 < self.gamma <= 100, f"gamma: expected a percentage in (0, 100], got "
-                                                            f"{self.gamma!r}")
-        need(self.rank is None or (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1),
-             f"rank: expected a positive int, got {self.rank!r}")
+        model = self.model
+        need(isinstance(model, ModelConfig), f"model: expected a ModelConfig, got {type(model).__name__}")
+        need(model.strategy in STRATEGIES, f"strategy: expected one of {STRATEGIES}, got {model.strategy!r}")
+        check_alpha(model.alpha)
+        need(finite(model.gamma) and 0 < model.gamma <= 100, f"gamma: expected a percentage in (0, 100], got "
+                                                              f"{model.gamma!r}")
+        need(model.rank is None
+             or (isinstance(model.rank, int) and not isinstance(model.rank, bool) and model.rank >= 1),
+             f"rank: expected a positive int, got {model.rank!r}")
         need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
              f"seed: expected an int ≥ 0, got {self.seed!r}")
         need(finite(self.weight_decay) and self.weight_decay >= 0,
@@ -195,10 +209,10 @@ class TrainConfig:
              "val_images: needs val_every > 0 (validate every N steps and at the end)")
         need(self.base_phase is None or (isinstance(self.base_phase, int) and self.base_phase >= 0),
              f"base_phase: expected an int ≥ 0, got {self.base_phase!r}")
-        need(bool(self.targets) and all(isinstance(t, str) and t for t in self.targets),
-             f"targets: expected one or more layer-name patterns, got {self.targets!r}")
+        need(bool(model.targets) and all(isinstance(t, str) and t for t in model.targets),
+             f"targets: expected one or more layer-name patterns, got {list(model.targets)!r}")
         for name in ("num_stages", "steps", "batch_size", "crop", "log_every"):
-            value = getattr(self, name)
+            value = getattr(model if name == "num_stages" else self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                  f"{name}: expected a positive int, got {value!r}")
         for name in ("val_every", "checkpoint_every", "warmup_steps"):
@@ -216,9 +230,9 @@ class TrainConfig:
         need(isinstance(self.exclude, (list, tuple)) and all(isinstance(e, str) for e in self.exclude),
              f"exclude: expected a list of scene names, got {self.exclude!r}")
         get_task(self.task_name).check(self, need)
-        if self.strategy != "lorun":
-            need(self.base is None, f"base: only the lorun strategy takes a base, not {self.strategy!r}")
-            need(not self.per_stage, "per_stage: only the lorun strategy has per-stage base parameters")
+        if model.strategy != "lorun":
+            need(self.base is None, f"base: only the lorun strategy takes a base, not {model.strategy!r}")
+            need(not model.per_stage, "per_stage: only the lorun strategy has per-stage base parameters")
             need(self.phase1_steps is None, "phase1_steps: only lorun has two phases")
         else:
             if self.base:
@@ -282,7 +296,7 @@ def _torch_bytes(obj) -> bytes:
 # ----------------------------------------------------------------------------------------------------------------
 #: The files a run writes at the top of its folder; nothing else there is ever written or deleted.
 RUN_FILES = re.compile(r"config\.json|log\.jsonl|last\.json|summary\.json|model\.safetensors|base\.safetensors"
-                       r"|adapters-[A-Za-z0-9][A-Za-z0-9._+-]*\.safetensors|ddp_gradients\.pt")
+                       r"|adapters-[A-Za-z0-9][A-Za-z0-9._+-]*\.safetensors")
 #: The files a run writes in ``checkpoints/``.
 CHECKPOINT_FILES = re.compile(r"step-\d{7}\.(?:safetensors|state\.pt)")
 
@@ -392,7 +406,7 @@ class Trainer:
         if config.val_images and config.val_every:
             self.val_images = self.plugin.validation_files(config.val_images)[: config.val_limit]
         self.phase1_steps = config.resolved_phase1_steps()
-        if config.strategy == "lorun" and config.base:
+        if config.model.strategy == "lorun" and config.base:
             self._load_base()  # a bad base (phase, stages, architecture, NaN) fails before the run folder is touched
         self.step = 0
         self.phase = 0
@@ -403,7 +417,7 @@ class Trainer:
 
     # -- phases --------------------------------------------------------------------------------------------------
     def phase_range(self, phase: int) -> tuple[int, int]:
-        if self.config.strategy != "lorun":
+        if self.config.model.strategy != "lorun":
             return 0, self.config.steps
         return (0, self.phase1_steps) if phase == 1 else (self.phase1_steps, self.config.steps)
 
@@ -431,17 +445,17 @@ class Trainer:
             if cfg.base_phase >= model.num_stages:
                 raise ValueError(f"base_phase (--base-phase): {cfg.base_phase} is not a stage of {path}, which has "
                                  f"{model.num_stages} (0..{model.num_stages - 1})")
-            model = shared_from_block(model, cfg.base_phase, cfg.num_stages)
+            model = shared_from_block(model, cfg.base_phase, cfg.model.num_stages)
         elif model.strategy == "lorun":
             model = base_of(model)
         elif cfg.base_phase is not None:
             raise ValueError(f"base_phase: {path} holds a shared DUN, which has no phases to choose from")
-        if model.num_stages != cfg.num_stages:
-            raise ValueError(f"base: {path} has {model.num_stages} stages; the run asks for {cfg.num_stages}")
+        if model.num_stages != cfg.model.num_stages:
+            raise ValueError(f"base: {path} has {model.num_stages} stages; the run asks for {cfg.model.num_stages}")
         found = (model.config.backbone, model.config.backbone_kwargs)
-        if found != (cfg.backbone, cfg.backbone_kwargs):
-            raise ValueError(f"base: {path} is a {found[0]} {found[1]}; the run's config says {cfg.backbone} "
-                             f"{cfg.backbone_kwargs} (take the base's: lorun_fast.train.base_architecture)")
+        if found != (cfg.model.backbone, cfg.model.backbone_kwargs):
+            raise ValueError(f"base: {path} is a {found[0]} {found[1]}; the run's config says {cfg.model.backbone} "
+                             f"{cfg.model.backbone_kwargs} (take the base's: lorun_fast.train.base_architecture)")
         return model
 
     def _install(self, model: DUN, phase: int) -> None:
@@ -463,8 +477,9 @@ class Trainer:
     def _enter_phase2(self, base: DUN) -> None:
         cfg = self.config
         with _seeded(cfg.seed, 2):
-            lorun = lorun_from(base_of(base), rank=cfg.rank, gamma=cfg.gamma, alpha=cfg.alpha,
-                               targets=tuple(cfg.targets), per_stage=tuple(cfg.per_stage))
+            m = cfg.model
+            lorun = lorun_from(base_of(base), rank=m.rank, gamma=m.gamma, alpha=m.alpha, targets=m.targets,
+                               per_stage=m.per_stage)
         if self.rank == 0:
             save_base(lorun, self.run_dir / "base.safetensors", self.task)
         self._install(lorun, 2)
@@ -473,10 +488,10 @@ class Trainer:
 
     def _initial_model(self) -> None:
         cfg = self.config
-        if cfg.strategy == "lorun" and cfg.base:
+        if cfg.model.strategy == "lorun" and cfg.base:
             self._enter_phase2(self._load_base())
             return
-        strategy = "shared" if cfg.strategy == "lorun" else cfg.strategy
+        strategy = "shared" if cfg.model.strategy == "lorun" else cfg.model.strategy
         with _seeded(cfg.seed, 1):
             model = build_dun(self.operator, cfg.model_config(strategy))
         self._install(model, 1)
@@ -498,7 +513,7 @@ class Trainer:
         if self.model is None:
             self.prepare(resume=True)
         step = self.step if step is None else step
-        if self.config.strategy == "lorun" and self.phase == 1 and step >= self.phase1_steps:
+        if self.config.model.strategy == "lorun" and self.phase == 1 and step >= self.phase1_steps:
             self._enter_phase2(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         self.loss(step).backward()
@@ -573,8 +588,8 @@ class Trainer:
                 from err
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("step") != last["step"]:
             raise ValueError(f"resume: {state_path} does not belong to step {last['step']} of {pointer}")
-        expected = "lorun" if state["phase"] == 2 else ("shared" if self.config.strategy == "lorun"
-                                                       else self.config.strategy)
+        strategy = self.config.model.strategy
+        expected = "lorun" if state["phase"] == 2 else ("shared" if strategy == "lorun" else strategy)
         if model.strategy != expected:
             raise ValueError(f"resume: {weights} holds a {model.strategy!r} DUN; phase {state['phase']} of this run "
                              f"trains a {expected!r} one")
@@ -656,8 +671,8 @@ class Trainer:
 
     def _finish(self) -> dict:
         cfg = self.config
-        summary = {"strategy": cfg.strategy, "steps": self.step, "train_seconds": self.train_seconds,
-                   "phase1_steps": self.phase1_steps if cfg.strategy == "lorun" else None,
+        summary = {"strategy": cfg.model.strategy, "steps": self.step, "train_seconds": self.train_seconds,
+                   "phase1_steps": self.phase1_steps if cfg.model.strategy == "lorun" else None,
                    "parameters": self.model.parameter_counts(), "last_val": self.last_val, "files": ["model.safetensors"]}
         if self.rank == 0:
             save_dun(self.model, self.run_dir / "model.safetensors", self.task)
@@ -682,11 +697,11 @@ class Trainer:
             return json.loads((self.run_dir / "summary.json").read_text()) if self.rank == 0 else None
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.quiet, desc=f"{cfg.strategy}", unit="step",
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.quiet, desc=f"{cfg.model.strategy}", unit="step",
                    dynamic_ncols=True)
         try:
             while self.step < cfg.steps:
-                if cfg.strategy == "lorun" and self.phase == 1 and self.step >= self.phase1_steps:
+                if cfg.model.strategy == "lorun" and self.phase == 1 and self.step >= self.phase1_steps:
                     self._enter_phase2(self.model)
                 start = time.perf_counter()
                 loss, norm = self._train_step()
@@ -710,7 +725,7 @@ class Trainer:
                     val = self.validate()
                     if val is not None:
                         bar.write(f"step {self.step}: validation PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}")
-                phase_end = cfg.strategy == "lorun" and self.phase == 1 and self.step == self.phase1_steps
+                phase_end = cfg.model.strategy == "lorun" and self.phase == 1 and self.step == self.phase1_steps
                 if self.distributed:  # a signal may reach the ranks at different steps: stop together
                     import torch.distributed as dist
 
@@ -732,42 +747,8 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distributed helpers
+# Entry point
 # ----------------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world_size: int, port: int, config: dict, run_dir: str, step: int | None,
-                out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        trainer = Trainer(TrainConfig.from_dict(config), run_dir, device="cpu", rank=rank, world_size=world_size,
-                          quiet=True)
-        grads = trainer.gradients(step)
-        if rank == 0:
-            torch.save(grads, out)
-    finally:
-        dist.destroy_process_group()
-
-
-def ddp_gradients(config: TrainConfig, run_dir, world_size: int = 2, step: int | None = None
-                  ) -> dict[str, torch.Tensor]:
-    """The gradients DistributedDataParallel computes with ``world_size`` CPU processes (gloo) for the next step of
-    the run in ``run_dir`` (see :meth:`Trainer.gradients`): they must equal one process's on the whole batch."""
-    import torch.multiprocessing as mp
-
-    out = Path(run_dir) / "ddp_gradients.pt"
-    mp.spawn(_ddp_worker, args=(world_size, _free_port(), config.to_dict(), str(run_dir), step, str(out)),
-             nprocs=world_size, join=True)
-    return torch.load(out, weights_only=True)
-
-
 def run_training(config: TrainConfig, run_dir, *, device: str | None = None, resume: bool = False,
                  stop_at: int | None = None, quiet: bool = False, install_signal_handlers: bool = False):
     """Train in this process, or as one rank of ``torchrun`` (it sets WORLD_SIZE, RANK and LOCAL_RANK)."""

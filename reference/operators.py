@@ -17,8 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Operator", "BlockCS", "CASSI", "SuperResolution", "load_mat_array", "gaussian_kernel",
+__all__ = ["Operator", "BlockCS", "CASSI", "SuperResolution", "load_mat_array", "MissingKeyError", "gaussian_kernel",
            "cs_measurement_size"]
+
+
+class MissingKeyError(KeyError, ValueError):
+    """A file lacks the array asked for by key: a KeyError, and a ValueError (bad input) for callers that report
+    those to the user."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def load_mat_array(path, key: str) -> torch.Tensor:
@@ -38,7 +46,7 @@ def load_mat_array(path, key: str) -> torch.Tensor:
         raise ValueError(f"{key} file: {path} is not a readable .mat file ({type(err).__name__}: {err})") from err
     if key not in contents:
         keys = sorted(k for k in contents if not k.startswith("__"))
-        raise KeyError(f"{key} file: {path} has no key {key!r}; it has {keys}")
+        raise MissingKeyError(f"{key} file: {path} has no key {key!r}; it has {keys}")
     array = np.asarray(contents[key])
     if np.iscomplexobj(array):
         # astype(float64) would drop the imaginary part without a word

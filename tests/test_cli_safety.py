@@ -146,8 +146,8 @@ def test_unwritable_checkpoint_folder_fails_before_the_first_step(files, tmp_pat
         return real(target)
 
     monkeypatch.setattr(lio, "_create_temp_beside", refuse_checkpoints)
-    config = TrainConfig(strategy="shared", num_stages=1, backbone_kwargs=TINY, ratio=25, gaussian_seed=0, steps=3,
-                         crop=33, batch_size=1, train_images=str(files["images"]))
+    config = TrainConfig(model=ModelConfig(strategy="shared", num_stages=1, backbone_kwargs=TINY), ratio=25,
+                         gaussian_seed=0, steps=3, crop=33, batch_size=1, train_images=str(files["images"]))
     trainer = Trainer(config, tmp_path / "run", quiet=True)
     monkeypatch.setattr(Trainer, "_train_step", lambda self: pytest.fail("a step ran before the folder was checked"))
     with pytest.raises(PermissionError, match="checkpoint folder .*checkpoints: cannot write there"):
@@ -498,3 +498,42 @@ def test_base_phase_out_of_range_and_nan_base_are_named(files, tmp_path):
     path, name = _poisoned_checkpoint(tmp_path)
     result = run_cli(*_train_args(files, tmp_path / "run2", "--strategy", "lorun", "--base", path, "--steps", "2"))
     assert result.returncode == 2 and name in result.stderr and "lower --lr" not in result.stderr, result.stderr
+
+
+def test_a_bug_surfaces_as_a_traceback_and_user_errors_as_one_line(monkeypatch, capsys):
+    import lorun_fast.cli as cli
+
+    for error, status in ((TypeError("an internal mistake"), None), (KeyError("a missing entry"), None),
+                          (cli.CLIError("bad option"), 2), (FileNotFoundError("x.png"), 2),
+                          (ValueError("bad value"), 2), (FloatingPointError("diverged"), 2)):
+        def command(args, error=error):
+            raise error
+
+        monkeypatch.setattr(cli, "cmd_describe", command)
+        if status is None:
+            with pytest.raises(type(error)):
+                cli.main(["describe"])
+        else:
+            assert cli.main(["describe"]) == status
+            assert capsys.readouterr().err == f"error: {error}\n"
+
+
+def test_a_mat_file_without_the_key_is_a_user_error(tmp_path, capsys):
+    from lorun_fast.cli import main
+
+    scipy.io.savemat(tmp_path / "phi.mat", {"other": np.eye(3)})
+    assert main(["train", "--out", str(tmp_path / "run"), "--phi", str(tmp_path / "phi.mat"), "--train-images",
+                 str(tmp_path), "--quiet", "--device", "cpu"]) == 2
+    assert "has no key 'phi'" in capsys.readouterr().err
+
+
+def test_the_command_line_choices_are_the_library_names():
+    from lorun_fast import names
+    from lorun_fast.models import BACKBONES
+    from lorun_fast.reference import STRATEGIES
+    from lorun_fast.reference.bicubic import SUPPORTED_SCALES
+    from lorun_fast.reference.operators import MissingKeyError
+
+    assert names.STRATEGIES == STRATEGIES and names.BACKBONE_NAMES == tuple(BACKBONES)
+    assert names.SR_SCALES == SUPPORTED_SCALES
+    assert issubclass(MissingKeyError, KeyError) and issubclass(MissingKeyError, ValueError)

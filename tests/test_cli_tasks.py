@@ -115,7 +115,7 @@ def test_cassi_train_resume_eval_round_trip(cubes, tmp_path, capsys):
     split = load_file(tmp_path / "split" / "model.safetensors")
     assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole)
     config = json.loads((tmp_path / "whole" / "config.json").read_text())
-    assert config["task_name"] == "cassi" and config["backbone_kwargs"]["in_channels"] == 28
+    assert config["task_name"] == "cassi" and config["model"]["backbone_kwargs"]["in_channels"] == 28
     capsys.readouterr()
     run = tmp_path / "whole"
     assert main(["eval", "--checkpoint", str(run / "base.safetensors"), "--adapters",

@@ -16,7 +16,8 @@ from lorun_fast.cli import main
 from lorun_fast.models import (ModelConfig, adapter_state, base_of, build_dun, lorun_from, make_per_stage,
                                shared_from_block, to_fast)
 from lorun_fast.reference import BlockCS
-from lorun_fast.train import PatchSampler, TrainConfig, Trainer, lr_at, read_log
+from lorun_fast.tasks.cs import PatchSampler
+from lorun_fast.train import MODEL_FIELDS, TrainConfig, Trainer, lr_at, read_log
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -40,7 +41,7 @@ def _config(images, **changes) -> TrainConfig:
                 phase1_steps=3, crop=33, batch_size=2, train_images=str(images), checkpoint_every=0, log_every=1,
                 lr=2e-3)
     base.update(changes)
-    return TrainConfig(**base)
+    return TrainConfig.from_dict(base)  # the model fields flat, as config.json files before they were nested
 
 
 def _same_weights(a, b) -> bool:
@@ -135,6 +136,27 @@ def test_resume_matches_an_uninterrupted_run(images, tmp_path, stops):
     assert [e["step"] for e in log] == list(range(1, 7))  # nothing lost, nothing twice
     straight_log = [e for e in read_log(tmp_path / "straight" / "log.jsonl") if e["event"] == "train"]
     assert [e["loss"] for e in log] == [e["loss"] for e in straight_log]
+
+
+def test_a_flat_config_json_from_before_the_model_was_nested_loads_and_resumes(images, tmp_path):
+    config = _config(images)
+    assert config.model == ModelConfig(strategy="lorun", num_stages=2, backbone_kwargs=TINY)
+    straight = Trainer(config, tmp_path / "straight", device="cpu", quiet=True)
+    straight.train()
+    run = tmp_path / "pieces"
+    assert Trainer(config, run, device="cpu", quiet=True).train(stop_at=2) is None
+    nested = json.loads((run / "config.json").read_text())
+    assert set(nested["model"]) == set(MODEL_FIELDS) and not set(MODEL_FIELDS) & set(nested.keys() - {"model"})
+    flat = {**{k: v for k, v in nested.items() if k != "model"}, **nested["model"]}
+    (run / "config.json").write_text(json.dumps(flat, indent=1) + "\n")  # the layout older runs wrote
+    assert TrainConfig.from_dict(flat) == config
+    with pytest.raises(ValueError, match="both at the top level and in 'model'"):
+        TrainConfig.from_dict({**nested, "num_stages": 2})
+    assert main(["train", "--out", str(run), "--resume", "--quiet", "--device", "cpu"]) == 0
+    resumed = Trainer(TrainConfig.from_dict(json.loads((run / "config.json").read_text())), run, device="cpu",
+                      quiet=True)
+    resumed.prepare(resume=True)
+    assert resumed.step == config.steps and _same_weights(straight.model, resumed.model)
 
 
 def test_cli_resume_and_refusal_to_overwrite(images, tmp_path, capsys):
@@ -367,6 +389,39 @@ def test_bad_training_options(images, tmp_path, changes, message):
         Trainer(_config(images, **changes), tmp_path / "r", world_size=world, quiet=True)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, config: dict, run_dir: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        trainer = Trainer(TrainConfig.from_dict(config), run_dir, device="cpu", rank=rank, world_size=world_size,
+                          quiet=True)
+        grads = trainer.gradients()
+        if rank == 0:
+            torch.save(grads, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_gradients(config: TrainConfig, run_dir, out, world_size: int) -> dict[str, torch.Tensor]:
+    """The gradients DistributedDataParallel computes with ``world_size`` CPU processes (gloo) for the next step of
+    the run in ``run_dir`` (see :meth:`Trainer.gradients`), saved by rank 0 to ``out`` (outside the run folder)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(world_size, _free_port(), config.to_dict(), str(run_dir), str(out)),
+             nprocs=world_size, join=True)
+    return torch.load(out, weights_only=True)
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process_gradients(images, tmp_path):
     """torchrun's path: two gloo processes, each on half of the global batch, all-reduced by DDP, against one process
@@ -374,13 +429,11 @@ def test_ddp_two_processes_match_one_process_gradients(images, tmp_path):
     initialisation, the frozen base and the resume all take part."""
     import shutil
 
-    from lorun_fast.train import ddp_gradients
-
     config = _config(images, batch_size=4, steps=4, phase1_steps=2)
     Trainer(config, tmp_path / "single", device="cpu", quiet=True).train(stop_at=2)
     shutil.copytree(tmp_path / "single", tmp_path / "ddp")
     expected = Trainer(config, tmp_path / "single", device="cpu", quiet=True).gradients()
-    got = ddp_gradients(config, tmp_path / "ddp", world_size=2)
+    got = _ddp_gradients(config, tmp_path / "ddp", tmp_path / "ddp_gradients.pt", world_size=2)
     assert expected.keys() == got.keys() and any(".lora_A." in name for name in got)
     assert not any("base_layer" in name for name in got)  # the frozen base gets no gradient
     for name in expected:

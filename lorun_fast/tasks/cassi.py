@@ -35,6 +35,7 @@ from lorun_fast.evaluate import ImageResult
 from lorun_fast.io import atomic_write_bytes, data_root, write_png_atomic
 from lorun_fast.metrics import ssim_gaussian
 from lorun_fast.reference import CASSI
+from lorun_fast.reference.operators import MissingKeyError
 
 __all__ = [
     "CAVE_WAVELENGTHS",
@@ -116,7 +117,7 @@ def _pick_array(arrays: dict[str, np.ndarray], key: str | None, path: Path) -> t
         return "", arrays[""]
     if key is not None:
         if key not in arrays:
-            raise KeyError(f"cube file: {path} has no key {key!r}; it has {sorted(arrays)}")
+            raise MissingKeyError(f"cube file: {path} has no key {key!r}; it has {sorted(arrays)}")
         return key, arrays[key]
     candidates = [k for k, v in arrays.items() if _is_numeric(v) and v.ndim == 3]
     if len(candidates) == 1:
@@ -294,7 +295,7 @@ def load_mask(path: str | os.PathLike | None = None, key: str = "mask") -> np.nd
     else:
         arrays = _load_arrays(path)
         if key not in arrays:
-            raise KeyError(f"mask file: {path} has no key {key!r}; it has {sorted(arrays)}")
+            raise MissingKeyError(f"mask file: {path} has no key {key!r}; it has {sorted(arrays)}")
         mask = arrays[key]
     if not _is_numeric(mask):
         raise ValueError(f"mask file: {path} does not hold a numeric array (got {getattr(mask, 'dtype', type(mask))})")
@@ -314,7 +315,7 @@ def load_mask(path: str | os.PathLike | None = None, key: str = "mask") -> np.nd
 # Training batches
 # ----------------------------------------------------------------------------------------------------------------
 class CassiSampler:
-    """Training batches of CASSI cubes: a pure function of ``(seed, step)``, like ``train.PatchSampler``.
+    """Training batches of CASSI cubes: a pure function of ``(seed, step)``, like ``tasks.cs.PatchSampler``.
 
     ``scenes`` are (H, W, B) arrays in [0, 1] (kept as float32), all with the same B (28 for the standard
     operator). ``batch(step)`` returns ``(x, mask_crop)``:
@@ -864,8 +865,8 @@ class CassiTask:
         """The CASSI part of ``TrainConfig.validate`` (Φ options are CS's; the ratio is ignored)."""
         need(config.phi is None and config.qinit is None and config.gaussian_seed is None,
              "phi, qinit, gaussian_seed: the cassi task measures with a mask, not a sampling matrix")
-        need(config.backbone == "resunet", f"backbone: the cassi task uses the resunet backbone, got "
-                                           f"{config.backbone!r}")
+        need(config.model.backbone == "resunet", f"backbone: the cassi task uses the resunet backbone, got "
+                                                 f"{config.model.backbone!r}")
         need(config.crop <= 256, f"crop: expected at most the mask's 256, got {config.crop}")
         need(config.degradation == "bicubic" and config.blur_sigma is None and config.blur_size is None,
              "degradation, blur_sigma, blur_size: only the sr task has them")

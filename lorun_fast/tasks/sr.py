@@ -66,6 +66,7 @@ from PIL import Image
 
 from lorun_fast.io import read_rgb, rgb_to_y
 from lorun_fast.metrics import SSIM_GAUSSIAN_WIN_SIZE, psnr, ssim_gaussian
+from lorun_fast.names import DEGRADATIONS  # MATLAB bicubic (the benchmarks'), or Gaussian blur + decimation
 from lorun_fast.reference.bicubic import SUPPORTED_SCALES, imresize_matrix
 
 __all__ = ["SRScores", "SUPPORTED_SCALES", "DEGRADATIONS", "SRDegradation", "TASK", "SRTask", "evaluate_sr",
@@ -76,8 +77,6 @@ __all__ = ["SRScores", "SUPPORTED_SCALES", "DEGRADATIONS", "SRDegradation", "TAS
 # Kernel support of MATLAB's bicubic: 4 pixels at the low resolution, i.e. 4·s HR pixels when downscaling.
 _KERNEL_WIDTH = 4
 
-#: The SR degradations: MATLAB bicubic (the benchmarks') and Gaussian blur + decimation (circular boundaries).
-DEGRADATIONS = ("bicubic", "gaussian")
 #: The Gaussian blur's default standard deviation in HR pixels.
 DEFAULT_BLUR_SIGMA = 1.6
 
