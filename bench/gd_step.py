@@ -588,7 +588,7 @@ def _run_shape(device, gpu, hbm, op, names, passes, side, nb, dtype_name, sizes:
         except Exception as exc:  # noqa: BLE001 - one broken provider must not stop the others
             set_status(name, harness.error_status(exc))
             continue
-        # The fused providers may also be off by up to 2× eager's error (DESIGN §7).
+        # The fused providers may also be off by up to 2× eager's error (docs/design.md, §7.2).
         baseline = "eager" if name in CUDA_ONLY else None
         if harness.apply_numerics(rows, name, passes, checked, TOLERANCE[precision], baseline):
             providers[name] = provider  # time only the passes that passed

@@ -1,6 +1,6 @@
 """The fused gradient-descent steps ``z = x − ρ·Aᵀ(A x − y)`` (the GDM of every DUN stage), one place to import them.
 
-Each operator has its own module (docs/design.md §3):
+Each operator has its own module (docs/design.md, §3):
 
 * ``gd_step_cs``: block compressive sensing (``gd_step_cs``), two exact algorithms (two GEMMs through Φ, or one GEMM
   with the Gram matrix ΦᵀΦ);

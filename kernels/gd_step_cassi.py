@@ -1,5 +1,5 @@
 """Fused CASSI gradient step ``z_λ = x_λ − ρ·M ⊙ shift_{−dλ}(Σ_μ shift_{dμ}(M ⊙ x_μ) − y)``, in Triton
-(docs/design.md §3.2).
+(docs/design.md, §3.2).
 
 The operator is ``CASSI`` (``lorun_fast.reference.operators``): x (N, Λ, H, W), mask (H, W), y (N, H, W + d(Λ−1)).
 One launch; each program owns BLOCK_H whole image rows: phase 1 forms the rows' residual

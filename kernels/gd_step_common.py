@@ -2,7 +2,7 @@
 share: the choice of tuning configs, the row-kernel configs and width pruner, output allocation (with the NaN-poisoning
 test switch), the backward's last step, the fake tensors and autograd pieces of the custom ops, and argument checks.
 
-Every step is ``z = x − ρ·Aᵀ(A x − y)`` (docs/design.md §3). Its backward, with ``G = ∂L/∂z``, is the same for all
+Every step is ``z = x − ρ·Aᵀ(A x − y)`` (docs/design.md, §3). Its backward, with ``G = ∂L/∂z``, is the same for all
 operators: ``dx = G − ρ·AᵀA G`` (the forward kernels applied to G with y = 0), ``dy = ρ·A G`` (the residual the same
 launch writes), ``dρ = −⟨G, Aᵀ(A x − y)⟩ = −⟨A G, A x − y⟩``: the forward saves its fp32 residual r, and the backward
 launch forms per-block / per-row partial sums of ``(A G)·r`` into a buffer that a torch sum reduces (fixed order:

@@ -1,4 +1,4 @@
-"""Fused block-CS gradient step ``z = x − ρ·Φᵀ(Φ x_b − y_b)`` per block, in Triton (docs/design.md §3.1).
+"""Fused block-CS gradient step ``z = x − ρ·Φᵀ(Φ x_b − y_b)`` per block, in Triton (docs/design.md, §3.1).
 
 The operator is ``BlockCS`` (``lorun_fast.reference.operators``): x (N, C, H, W), any H, W ≥ b (b = 33), implicitly
 zero-padded at the right and bottom to whole b×b blocks; y (N, C, Hb, Wb, m); Φ (m, n = b²). Blocks are read straight

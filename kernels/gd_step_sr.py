@@ -1,5 +1,5 @@
 """Fused gradient step for super-resolution with a Gaussian blur, ``z = x − ρ·Aᵀ(A x − y)``, in Triton
-(docs/design.md §3.3).
+(docs/design.md, §3.3).
 
 The operator is ``SuperResolution`` (``lorun_fast.reference.operators``): ``A x = correlate(circpad(x), k)[::s, ::s]``,
 ``Aᵀ`` = zero-fill upsampling, then correlation with the flipped k under circular padding. Two launches, because that

@@ -1,5 +1,5 @@
 """Training DUNs for any task (:mod:`lorun_fast.tasks`: block CS, CASSI, SR): the ``block``, ``shared`` and ``lorun``
-strategies (docs/design.md §5; the run folder and its guarantees: docs/training.md).
+strategies (docs/design.md, §5; the run folder and its guarantees: docs/training.md).
 
 ``lorun`` trains in two phases:
 

@@ -9,7 +9,7 @@ from lorun_fast.checkpoints import import_ista_net_plus, load_torch_state_dict
 from lorun_fast.cli import main
 from lorun_fast.reference import DUN, BlockCS
 
-# Mean PSNR / SSIM of the published reconstruction code on these files (fp32), see shared/data/README.md.
+# Mean PSNR / SSIM of the published reconstruction code on these files (fp32), as the data folder records them.
 PUBLISHED = {10: (26.49, 0.8036), 25: (32.44, 0.9237), 40: (36.02, 0.9579)}
 PSNR_TOL, SSIM_TOL = 0.02, 0.001
 
