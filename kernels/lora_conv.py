@@ -69,10 +69,20 @@ def _dw_cfg(bco, bci, warps, stages):
     return triton.Config({"BLOCK_CO": bco, "BLOCK_CI": bci}, num_warps=warps, num_stages=stages)
 
 
+def _halo_cfg(bh, bw, bn, bk, warps, stages):
+    # HALO: the haloed tile of a 3×3 kernel, (BH + 2)·(BW + 2) pixels, rounded up to a power of two (a 1×1 kernel
+    # needs no halo and uses BH·BW).
+    halo = triton.next_power_of_2((bh + 2) * (bw + 2))
+    return triton.Config({"BH": bh, "BW": bw, "HALO": halo, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
+                         num_stages=stages)
+
+
 if _INTERPRET:
     # Autotuning in the interpreter would run every config; 16-wide N/K tiles make the small test channel counts
     # (24, 32) span several tiles, so the tail masks are exercised.
     _FWD_BY_PRECISION = {"tf32": [_cfg(64, 16, 16, 4, 1)]}
+    # 4×8 pixel tiles: the test images (e.g. 17×23) span several tiles with partial ones at both borders.
+    _HALO_BY_PRECISION = {"tf32": [_halo_cfg(4, 8, 16, 16, 4, 1)]}
     _DW_CONFIGS = [triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16}, num_warps=4, num_stages=1)]
     _DW_TAPS_CONFIGS = [_dw_cfg(16, 16, 4, 1)]
 elif not _TUNE:
@@ -83,7 +93,12 @@ elif not _TUNE:
     }
     _DW_CONFIGS = [triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16}, num_warps=4, num_stages=2),
                    triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64}, num_warps=8, num_stages=3)]
-    _DW_TAPS_CONFIGS = [_dw_cfg(16, 16, 4, 2), _dw_cfg(32, 16, 8, 2)]
+    _DW_TAPS_CONFIGS = [_dw_cfg(16, 16, 4, 3), _dw_cfg(32, 16, 8, 2)]
+    _HALO_BY_PRECISION = {
+        "tf32": [_halo_cfg(4, 16, 16, 16, 4, 2), _halo_cfg(8, 8, 64, 16, 4, 2)],
+        "tf32x3": [_halo_cfg(4, 16, 16, 16, 4, 2), _halo_cfg(8, 8, 32, 16, 4, 2)],
+        "ieee": [_halo_cfg(4, 16, 16, 16, 4, 2), _halo_cfg(8, 8, 32, 16, 8, 2)],
+    }
 else:
     # Short lists: autotuning compiles and times every entry once per key. Each list ends with a 16-wide tile, which
     # the channel pruner keeps for 16 channels. Every entry compiles without spills for C = 16–64, 3×3 and 1×1, with
@@ -126,10 +141,36 @@ else:
     # The all-taps dW kernel's N is TAPS_PAD·BLOCK_CI (16·BLOCK_CI for 3×3: nine taps padded to 16), so 3×3 keeps
     # BLOCK_CI = 16 (N = 256) and only 1×1 uses the wider ones; the pruner drops N > 256.
     _DW_TAPS_CONFIGS = [_dw_cfg(bco, bci, w, st) for (bco, bci, w, st) in
-                        [(32, 16, 4, 2), (64, 16, 8, 2), (16, 16, 4, 2), (16, 16, 4, 3), (64, 64, 8, 2),
+                        [(32, 16, 4, 2), (64, 16, 8, 2), (16, 16, 4, 3), (64, 64, 8, 2),
                          (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)]]
 
+if not _INTERPRET and _TUNE:
+    # The haloed-tile forward (v2): pixel tiles of BH × BW image rows/columns (BLOCK_M = BH·BW). The halo is
+    # (BH + 2)·(BW + 2) pixels for 3×3, padded to a power of two: 8×16 → 180 of 256 rows, 8×8 → 100 of 128,
+    # 4×16 → 108 of 128. The K loop runs once per Ci chunk (not per tap), so it pipelines at C = 32 too. The halo,
+    # its gather indices and the gathered operand all live in registers: BLOCK_K = 32 chunks and 8×16 tiles (256
+    # halo rows, even at 8 warps) ran out of registers (255, spilling; ptxas, sm_90), so the tiles are 64 pixels and
+    # the chunks 16 channels.
+    _HALO_BY_PRECISION = {
+        "tf32": [
+            _halo_cfg(8, 8, 64, 16, 4, 2),
+            _halo_cfg(8, 8, 32, 16, 4, 3),
+            _halo_cfg(4, 16, 64, 16, 4, 2),
+            _halo_cfg(4, 16, 16, 16, 4, 2),
+        ],
+        "tf32x3": [
+            _halo_cfg(8, 8, 32, 16, 4, 2),
+            _halo_cfg(4, 16, 16, 16, 4, 2),
+        ],
+        "ieee": [
+            _halo_cfg(8, 8, 32, 16, 8, 2),
+            _halo_cfg(4, 16, 32, 16, 8, 2),
+            _halo_cfg(4, 16, 16, 16, 4, 2),
+        ],
+    }
+
 _FWD_CONFIGS = [c for configs in _FWD_BY_PRECISION.values() for c in configs]
+_HALO_CONFIGS = [c for configs in _HALO_BY_PRECISION.values() for c in configs]
 
 
 def _pow2_at_least_16(n):
@@ -159,6 +200,15 @@ def _prune_fwd(configs, named_args, **kwargs):
     if precision != "ieee" and _capability(named_args)[0] < 9:
         configs = [c for c in configs if _fits_mma_sync(c)] or configs[-1:]
     # Tiles wider than the (power-of-two rounded) channel count only load masked zeros.
+    kmax, nmax = _pow2_at_least_16(named_args["Ci"]), _pow2_at_least_16(named_args["Co"])
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= kmax and c.kwargs["BLOCK_N"] <= nmax]
+    return kept or configs[-1:]
+
+
+def _prune_halo(configs, named_args, **kwargs):
+    precision = kwargs.get("INPUT_PRECISION", "tf32")
+    own = _HALO_BY_PRECISION.get(precision, _HALO_BY_PRECISION["tf32"])
+    configs = [c for c in configs if any(c is o for o in own)] or own
     kmax, nmax = _pow2_at_least_16(named_args["Ci"]), _pow2_at_least_16(named_args["Co"])
     kept = [c for c in configs if c.kwargs["BLOCK_K"] <= kmax and c.kwargs["BLOCK_N"] <= nmax]
     return kept or configs[-1:]
@@ -342,6 +392,129 @@ def _lora_conv_fwd_kernel(
         acc = acc + bias[None, :]
 
     out_ok = m_ok[:, None] & n_ok[None, :]
+    y_off = (img.to(tl.int64) * sy_n + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w)[:, None] \
+        + offs_n[None, :].to(tl.int64) * sy_c
+    if WRITE_MASK:
+        tl.store(mask_ptr + y_off, (acc > 0).to(tl.uint8), mask=out_ok)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    acc = acc * out_scale
+    if HAS_RES:
+        r_off = (img.to(tl.int64) * sr_n + oh.to(tl.int64) * sr_h + ow.to(tl.int64) * sr_w)[:, None] \
+            + offs_n[None, :].to(tl.int64) * sr_c
+        acc = acc + tl.load(res_ptr + r_off, mask=out_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.autotune(configs=_HALO_CONFIGS,
+                 key=["NB", "H", "W", "Ci", "Co", "sx_c", "KH", "INPUT_PRECISION", "HAS_BIAS", "RELU", "HAS_RES",
+                      "WRITE_MASK", "IN_MASK", "SCALE_IN"],
+                 prune_configs_by={"early_config_prune": _prune_halo})
+@triton.jit
+def _conv_fwd_halo_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, mask_ptr, in_mask_ptr,
+    NB, H, W, Ci, Co,
+    out_scale, in_scale,
+    sx_n, sx_c, sx_h, sx_w,
+    sr_n, sr_c, sr_h, sr_w,
+    sy_n, sy_c, sy_h, sy_w,
+    sm_n, sm_c, sm_h, sm_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr, WRITE_MASK: tl.constexpr,
+    IN_MASK: tl.constexpr, SCALE_IN: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BH: tl.constexpr, BW: tl.constexpr, HALO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """'Same' convolution with an already merged weight, reading each x tile once (the v2 forward and dx kernel).
+
+    Each program computes a BH × BW block of output pixels of one image (BLOCK_M = BH·BW GEMM rows) × BLOCK_N
+    output channels. Per BLOCK_K chunk of input channels it loads the *haloed* input block — the
+    (BH + KH − 1) × (BW + KW − 1) pixels all KH·KW taps read, padded to HALO rows — once, and forms each tap's
+    (BLOCK_M × BLOCK_K) operand from it on chip with ``tl.gather`` (an index into the halo rows; the compiler stages
+    the tile in shared memory), instead of loading nine shifted, mostly overlapping tiles from L2. The K loop runs
+    over Ci chunks only, so at C ≤ BLOCK_K it is one iteration of nine MMAs.
+
+    Args:
+        x_ptr: input image (NB, Ci, H, W), any strides (channels_last, i.e. ``sx_c == 1``, loads coalesced).
+        w_ptr: merged weight pre-arranged as (KH·KW, Ci, Co), contiguous.
+        bias_ptr: bias (Co,). Ignored unless ``HAS_BIAS``.
+        res_ptr: residual (NB, Co, H, W) with strides ``sr_*``. Ignored unless ``HAS_RES``.
+        y_ptr: output (NB, Co, H, W) with strides ``sy_*``; every element is written.
+        mask_ptr: uint8 (NB, Co, H, W) with the strides of ``y``: ``pre > 0``. Written only if ``WRITE_MASK``.
+        in_mask_ptr: (NB, Ci, H, W) with strides ``sm_*``: the saved output or uint8 ReLU mask that selects the x
+            elements (the dx pass: x is ∂L/∂y). Read only if ``IN_MASK`` > 0.
+        NB, H, W: batch size and image size (input and output share H×W).
+        Ci, Co: input and output channels; any value, tails are masked.
+        out_scale: the factor applied after the activation, before the residual.
+        in_scale: the factor every loaded x element is multiplied by when ``SCALE_IN``.
+        sx_*, sr_*, sy_*, sm_*: element strides (batch, channel, row, column) of x, residual, y and the input mask.
+        KH, KW: kernel size, 3×3 (padding 1) or 1×1 (padding 0).
+        HAS_BIAS, RELU, HAS_RES, WRITE_MASK: epilogue switches, as in ``_lora_conv_fwd_kernel``.
+        IN_MASK, SCALE_IN: how x is selected and scaled as it is loaded (``_select_scale``).
+        INPUT_PRECISION: tl.dot precision for float32 operands; UPCAST: multiply in float32 (interpreter + bf16).
+        BH, BW: output pixel block (powers of two); HALO: ≥ (BH + 2)·(BW + 2), a power of two (1×1: unused).
+        BLOCK_N, BLOCK_K: tiles over output and input channels.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    tiles_w = (W + BW - 1) // BW
+    tiles_h = (H + BH - 1) // BH
+    img = pid_m // (tiles_h * tiles_w)
+    t_hw = pid_m % (tiles_h * tiles_w)
+    h0 = (t_hw // tiles_w) * BH
+    w0 = (t_hw % tiles_w) * BW
+
+    # Output pixels of the block, row-major.
+    offs_p = tl.arange(0, BH * BW)
+    oh = h0 + offs_p // BW
+    ow = w0 + offs_p % BW
+    p_ok = (oh < H) & (ow < W)  # the grid holds exactly NB images of tiles: img < NB
+
+    # Input rows of the haloed block: (BH + KH − 1) × (BW + KW − 1) pixels, row-major, padded to HALO.
+    HW_: tl.constexpr = BW + KW - 1
+    if KH * KW == 1:
+        offs_q = offs_p
+        ih = oh
+        iw = ow
+        q_ok = p_ok
+    else:
+        offs_q = tl.arange(0, HALO)
+        ih = h0 + offs_q // HW_ - KH // 2
+        iw = w0 + offs_q % HW_ - KW // 2
+        q_ok = (offs_q < (BH + KH - 1) * HW_) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    x_row = img.to(tl.int64) * sx_n + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
+    if IN_MASK > 0 or SCALE_IN:
+        m_row = img.to(tl.int64) * sm_n + ih.to(tl.int64) * sm_h + iw.to(tl.int64) * sm_w
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Co
+    offs_k = tl.arange(0, BLOCK_K)
+
+    acc = tl.full((BH * BW, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, Ci, BLOCK_K):
+        ci = k0 + offs_k
+        ci_ok = ci < Ci
+        # Off-image pixels, the halo padding and the channel tail read as zero: that is the zero padding.
+        ok = q_ok[:, None] & ci_ok[None, :]
+        halo = tl.load(x_ptr + x_row[:, None] + ci[None, :] * sx_c, mask=ok, other=0.0)
+        if IN_MASK > 0 or SCALE_IN:
+            halo = _select_scale(halo, in_mask_ptr + m_row[:, None] + ci[None, :] * sm_c, ok, in_scale, IN_MASK,
+                                 SCALE_IN)
+        for t in tl.static_range(KH * KW):
+            if KH * KW == 1:
+                x_tile = halo
+            else:
+                # Output pixel (r, c) of the block reads halo row (r + t // KW)·(BW + KW − 1) + c + t % KW.
+                src = (offs_p // BW + t // KW) * HW_ + offs_p % BW + t % KW
+                x_tile = tl.gather(halo, tl.broadcast_to(src[:, None], (BH * BW, BLOCK_K)), 0)
+            w_tile = tl.load(w_ptr + (t * Ci + ci[:, None]) * Co + offs_n[None, :],
+                             mask=ci_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _mma(x_tile, w_tile, acc, INPUT_PRECISION, UPCAST)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    out_ok = p_ok[:, None] & n_ok[None, :]
     y_off = (img.to(tl.int64) * sy_n + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w)[:, None] \
         + offs_n[None, :].to(tl.int64) * sy_c
     if WRITE_MASK:
@@ -604,6 +777,34 @@ def _launch_conv(x, w_arr, a_arr, b_arr, scaling, bias, residual, relu, out_scal
     return y, mask
 
 
+def _launch_conv_halo(x, w_arr, bias, residual, relu, out_scale, input_precision, write_mask, ksize, co,
+                      channels_last, in_mask=None, in_mask_mode=0, in_scale=1.0):
+    """Run the haloed-tile kernel (v2) with an already merged, tap-arranged weight; returns (y, mask)."""
+    nb, ci, h, w = x.shape
+    y = _poison(_empty_image((nb, co, h, w), x, channels_last))
+    mask = (_poison(torch.empty_strided(y.shape, y.stride(), dtype=torch.uint8, device=y.device)) if write_mask
+            else torch.empty(0, dtype=torch.uint8, device=y.device))
+    if nb * h * w == 0 or co == 0:
+        return y, mask
+    _check_runnable(x)
+    res = residual if residual is not None else y
+    sel = in_mask if in_mask_mode else x
+    grid = lambda meta: (nb * triton.cdiv(h, meta["BH"]) * triton.cdiv(w, meta["BW"]),  # noqa: E731
+                         triton.cdiv(co, meta["BLOCK_N"]))
+    _conv_fwd_halo_kernel[grid](
+        x, w_arr, bias if bias is not None else w_arr, res, y, mask if write_mask else y, sel,
+        nb, h, w, ci, co,
+        float(out_scale), float(in_scale),
+        *x.stride(), *res.stride(), *y.stride(), *sel.stride(),
+        KH=ksize, KW=ksize,
+        HAS_BIAS=bias is not None, RELU=bool(relu), HAS_RES=residual is not None, WRITE_MASK=bool(write_mask),
+        IN_MASK=int(in_mask_mode), SCALE_IN=float(in_scale) != 1.0,
+        INPUT_PRECISION=_dot_precision(x.dtype, input_precision),
+        UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
+    )
+    return y, mask
+
+
 def _dw_chunk(m: int, co: int, ci: int, taps: int, tap_programs: bool = True) -> Tuple[int, int]:
     """Pixels per chunk and number of chunks: depends on the shape only, never on the tuned config.
     ``tap_programs``: the taps are a grid axis (v1) rather than a loop inside each program (v2)."""
@@ -698,8 +899,8 @@ def conv2d_forward(x, weight, bias=None, residual=None, relu=False, out_scale=1.
     """The forward kernel with an already merged weight (Co, Ci, k, k): ``(y, relu_mask)`` as
     ``lora_conv2d_forward``. No autograd, no validation."""
     co, _, k, _ = weight.shape
-    return _launch_conv(x, _taps_arrangement(weight), None, None, 0.0, bias, residual, relu, out_scale,
-                        input_precision, write_mask, k, co, _wants_channels_last(x))
+    return _launch_conv_halo(x, _taps_arrangement(weight), bias, residual, relu, out_scale, input_precision,
+                             write_mask, k, co, _wants_channels_last(x))
 
 
 def merge_weight(weight, lora_a, lora_b, scaling):
@@ -795,8 +996,8 @@ def _lora_conv2d_backward_v2(grad_y, x, weight, lora_a, lora_b, saved, scaling, 
     if need_x:
         wk = _merged_weight(weight, lora_a, lora_b, scaling)
         w_arr = _taps_arrangement(wk.flip(2, 3).transpose(0, 1))
-        dx, _ = _launch_conv(grad_y, w_arr, None, None, 0.0, None, None, False, 1.0, input_precision, False, k, ci,
-                             _wants_channels_last(x), in_mask=selector, in_mask_mode=mode, in_scale=out_scale)
+        dx, _ = _launch_conv_halo(grad_y, w_arr, None, None, False, 1.0, input_precision, False, k, ci,
+                                  _wants_channels_last(x), in_mask=selector, in_mask_mode=mode, in_scale=out_scale)
     return dx, dw, da, db, dbias
 
 
