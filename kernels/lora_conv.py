@@ -251,6 +251,30 @@ def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _epilogue(acc, pix_ok, img, oh, ow, offs_n, n_ok, bias_ptr, res_ptr, y_ptr, mask_ptr, out_scale,
+              sr_n, sr_c, sr_h, sr_w, sy_n, sy_c, sy_h, sy_w,
+              HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr, WRITE_MASK: tl.constexpr):
+    """``y = out_scale·act(acc + bias) + residual`` stored for the tile's pixels × channels (and the ReLU mask
+    ``acc + bias > 0`` when ``WRITE_MASK``): the forward kernels' shared epilogue."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    out_ok = pix_ok[:, None] & n_ok[None, :]
+    y_off = (img.to(tl.int64) * sy_n + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w)[:, None] \
+        + offs_n[None, :].to(tl.int64) * sy_c
+    if WRITE_MASK:
+        tl.store(mask_ptr + y_off, (acc > 0).to(tl.uint8), mask=out_ok)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    acc = acc * out_scale
+    if HAS_RES:
+        r_off = (img.to(tl.int64) * sr_n + oh.to(tl.int64) * sr_h + ow.to(tl.int64) * sr_w)[:, None] \
+            + offs_n[None, :].to(tl.int64) * sr_c
+        acc = acc + tl.load(res_ptr + r_off, mask=out_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
 def _pixels(offs_m, M, H, W):
     """Output pixel indices → (in range, image, row, column) of an (NB, ·, H, W) tensor."""
     hw = offs_m % (H * W)
@@ -387,23 +411,8 @@ def _lora_conv_fwd_kernel(
                 w_tile = (w_tile.to(tl.float32) + scaling * delta).to(x_tile.dtype)
             acc = _mma(x_tile, w_tile, acc, INPUT_PRECISION, UPCAST)
 
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        acc = acc + bias[None, :]
-
-    out_ok = m_ok[:, None] & n_ok[None, :]
-    y_off = (img.to(tl.int64) * sy_n + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w)[:, None] \
-        + offs_n[None, :].to(tl.int64) * sy_c
-    if WRITE_MASK:
-        tl.store(mask_ptr + y_off, (acc > 0).to(tl.uint8), mask=out_ok)
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
-    acc = acc * out_scale
-    if HAS_RES:
-        r_off = (img.to(tl.int64) * sr_n + oh.to(tl.int64) * sr_h + ow.to(tl.int64) * sr_w)[:, None] \
-            + offs_n[None, :].to(tl.int64) * sr_c
-        acc = acc + tl.load(res_ptr + r_off, mask=out_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+    _epilogue(acc, m_ok, img, oh, ow, offs_n, n_ok, bias_ptr, res_ptr, y_ptr, mask_ptr, out_scale,
+              sr_n, sr_c, sr_h, sr_w, sy_n, sy_c, sy_h, sy_w, HAS_BIAS, RELU, HAS_RES, WRITE_MASK)
 
 
 @triton.autotune(configs=_HALO_CONFIGS,
@@ -511,22 +520,8 @@ def _conv_fwd_halo_kernel(
                              mask=ci_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _mma(x_tile, w_tile, acc, INPUT_PRECISION, UPCAST)
 
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        acc = acc + bias[None, :]
-    out_ok = p_ok[:, None] & n_ok[None, :]
-    y_off = (img.to(tl.int64) * sy_n + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w)[:, None] \
-        + offs_n[None, :].to(tl.int64) * sy_c
-    if WRITE_MASK:
-        tl.store(mask_ptr + y_off, (acc > 0).to(tl.uint8), mask=out_ok)
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
-    acc = acc * out_scale
-    if HAS_RES:
-        r_off = (img.to(tl.int64) * sr_n + oh.to(tl.int64) * sr_h + ow.to(tl.int64) * sr_w)[:, None] \
-            + offs_n[None, :].to(tl.int64) * sr_c
-        acc = acc + tl.load(res_ptr + r_off, mask=out_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+    _epilogue(acc, p_ok, img, oh, ow, offs_n, n_ok, bias_ptr, res_ptr, y_ptr, mask_ptr, out_scale,
+              sr_n, sr_c, sr_h, sr_w, sy_n, sy_c, sy_h, sy_w, HAS_BIAS, RELU, HAS_RES, WRITE_MASK)
 
 
 @triton.autotune(configs=_DW_CONFIGS,
