@@ -1,4 +1,4 @@
-"""One LoRA convolution layer, four ways: plain conv, peft-style unfused, merge + cuDNN, fused Triton.
+"""One LoRA convolution layer, five ways: plain conv, peft-style unfused, merge + cuDNN, fused Triton (two designs).
 
     python bench/conv_layer.py                 # GPU: C ∈ {16, 32, 64}, 256² and 512², batch 1 and 16, fp32/TF32 + bf16
     python bench/conv_layer.py --quick         # GPU: C=32, 256², batch 16, both dtypes (the NOTES.md shape)
@@ -15,7 +15,11 @@ Providers (the baselines come from ``lorun_fast.reference`` so they never drift 
 - ``peft-unfused``: ``LoRAConv2d.forward``: ``base(x) + s·B(A(x))``, three convolutions and an r-channel activation.
 - ``merged-cudnn``: ``merged_conv``: ``W + s·B·A`` formed with torch, then one ``F.conv2d`` (cuDNN on a GPU);
   autograd through the merge gives dA and dB.
-- ``fused-triton``: ``lorun_fast.kernels.lora_conv.fused_lora_conv2d`` (CUDA only here).
+- ``fused-triton``: ``lorun_fast.kernels.lora_conv.fused_lora_conv2d`` with the v2 design (merge once per launch,
+  haloed x tile read once per Ci chunk, all-taps dW with the ReLU mask inside the kernels); CUDA only here.
+- ``fused-triton-v1``: the same function with the v1 design (merge per tile, nine shifted x loads, one tap per dW
+  program), selected with ``lorun_fast.kernels.settings.use_conv_kernel("v1")``; CUDA only here. The two rows time
+  the designs side by side in one run.
 
 Passes: ``forward`` (inference, under ``torch.no_grad()``) and ``forward+backward`` (training with the base frozen and
 the adapters trainable: ``torch.autograd.grad`` of ``y`` for x, A and B given a random ``dy``; conv: x and W).
@@ -29,7 +33,7 @@ Numerics before timing: each provider's output (and, for forward+backward, its g
 is compared with a float64 computation of the same function on the same (already rounded) inputs — the merged
 formula ``conv(x, W + s·B·A)`` for the LoRA providers, ``conv(x, W)`` for ``conv`` — as ‖out − ref‖ / ‖ref‖ (the
 largest over y, dx, dA, dB / dW). A provider over its tolerance (fp32 1e-4, tf32 5e-3, bf16 3e-2, fp16 1e-2; for
-fused-triton also DESIGN §7's "2× the error of merged-cudnn", whichever is larger), or with a NaN, gets status
+the fused-triton rows also docs/design.md §7.3's "2× the error of merged-cudnn", whichever is larger), or with a NaN, gets status
 "failed numerics" and no timing, so a wrong kernel cannot produce a fast row silently.
 """
 from __future__ import annotations
@@ -50,10 +54,10 @@ import harness
 from lorun_fast.reference import LoRAConv2d, lora_rank, merged_conv
 
 REPO = Path(__file__).resolve().parents[1]
-PROVIDERS = ("conv", "peft-unfused", "merged-cudnn", "fused-triton")
-CUDA_ONLY = ("fused-triton",)
+PROVIDERS = ("conv", "peft-unfused", "merged-cudnn", "fused-triton", "fused-triton-v1")
+CUDA_ONLY = ("fused-triton", "fused-triton-v1")
 PASSES = ("forward", "forward+backward")
-LORA_PROVIDERS = ("peft-unfused", "merged-cudnn", "fused-triton")
+LORA_PROVIDERS = ("peft-unfused", "merged-cudnn", "fused-triton", "fused-triton-v1")
 TOLERANCE = {"fp32": 1e-4, "tf32": 5e-3, "bf16": 3e-2, "fp16": 1e-2}
 GAMMA = 10.0
 KSIZE = 3
@@ -193,12 +197,18 @@ def make_provider(name: str, prob: Problem, device: torch.device, precision: str
         return Provider(name, lambda x: layer(x, 0), (prob.lora_a, prob.lora_b), ("dx", "dA", "dB"))
     if name == "merged-cudnn":
         return Provider(name, lambda x: merged_conv(layer, x, 0), (prob.lora_a, prob.lora_b), ("dx", "dA", "dB"))
-    if name == "fused-triton":
+    if name in ("fused-triton", "fused-triton-v1"):
         from lorun_fast.kernels.lora_conv import fused_lora_conv2d  # imported only on CUDA (see run())
+        from lorun_fast.kernels.settings import use_conv_kernel
         input_precision = "tf32" if precision == "tf32" else "ieee"
-        return Provider(name, lambda x: fused_lora_conv2d(x, prob.weight, prob.lora_a, prob.lora_b, prob.scaling,
-                                                          padding=KSIZE // 2, input_precision=input_precision),
-                        (prob.lora_a, prob.lora_b), ("dx", "dA", "dB"))
+        version = "v1" if name.endswith("-v1") else "v2"
+
+        def fused(x):
+            # The backward runs the design its forward ran (the op remembers it).
+            with use_conv_kernel(version):
+                return fused_lora_conv2d(x, prob.weight, prob.lora_a, prob.lora_b, prob.scaling,
+                                         padding=KSIZE // 2, input_precision=input_precision)
+        return Provider(name, fused, (prob.lora_a, prob.lora_b), ("dx", "dA", "dB"))
     raise ValueError(f"provider: expected one of {PROVIDERS}, got {name!r}")
 
 
@@ -367,8 +377,8 @@ def _run_shape(device, gpu, hbm, names, c, side, nb, dtype_name, sizes: Sizes, v
         except Exception as exc:  # noqa: BLE001 - one broken provider must not stop the others
             set_status(name, harness.error_status(exc))
             continue
-        # fused-triton may also be off by up to 2× merged-cudnn's error (DESIGN §7).
-        baseline = "merged-cudnn" if name == "fused-triton" else None
+        # the fused rows may also be off by up to 2× merged-cudnn's error (docs/design.md §7.3).
+        baseline = "merged-cudnn" if name.startswith("fused-triton") else None
         if harness.apply_numerics(rows, name, PASSES, checked, TOLERANCE[precision], baseline):
             providers[name] = provider  # time only the passes that passed
     refs.clear()
@@ -422,7 +432,7 @@ def notes_for(device: torch.device, hbm: dict | None) -> list[str]:
             notes.append(harness.hbm_note(hbm))
     else:
         notes.append("CPU run at reduced sizes with host-clock timings; 'merged-cudnn' is merge + F.conv2d on the "
-                     "CPU (not cuDNN); fused-triton needs CUDA (skipped); float32 is IEEE; mem = bytes autograd "
+                     "CPU (not cuDNN); fused-triton(-v1) need CUDA (skipped); float32 is IEEE; mem = bytes autograd "
                      "saves for backward (fwd+bwd rows only), inputs and weights included.")
     return notes
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command on a GPU machine: the GPU test subset, then the full benchmark at 9 stages, all written to OUT_DIR,
-# a short summary table printed last. Budget: about 8 minutes (each step has its own time limit).
+# a short summary table printed last. Budget: about 10 minutes (each step has its own time limit).
 #
 #   bash bench/gpu_check.sh OUT_DIR
 #
@@ -25,8 +25,15 @@ tests_rc=$?
 
 # 2. The benchmark report at full size (autotuned kernels), CS 25%, 9 stages, with the kernels' quick shapes
 #    (fp32/TF32 and bf16). The full kernel grids: bench/conv_layer.py and bench/gd_step.py, run on their own.
+#    Its kernel rows time both designs of the LoRA convolution side by side (lora-conv/fused-triton is v2,
+#    lora-conv/fused-triton-v1 the earlier one), and its lorun-fused model runs v2.
 timeout 260 "$py" bench/run.py --stages 9 --checkpointing --out "$out/run" > "$out/run.log" 2>&1
 run_rc=$?
+
+# 3. The same DUN rows with the v1 convolution inside lorun-fused (model level v1 vs v2, same shapes).
+LORUN_FAST_CONV_KERNEL=v1 timeout 120 "$py" bench/run.py --stages 9 --no-sweep --no-kernels --out "$out/run-v1" \
+    > "$out/run-v1.log" 2>&1
+v1_rc=$?
 
 echo "== gpu_check: $(head -n 1 "$out/machine.txt") =="
 grep -m1 -E "NVIDIA (H|A)[0-9]+" "$out/machine.txt" || true
@@ -34,5 +41,7 @@ echo "GPU tests (rc $tests_rc): $(tail -n 1 "$out/gpu-tests.log")"
 grep -E "^(FAILED|ERROR)" "$out/gpu-tests.log" | head -n 15
 echo "benchmark (rc $run_rc): $out/run/results.json"
 sed -n '/^DUN providers/,/^Stage sweep/p' "$out/run.log" | head -n 30
-grep -E "^lora-conv/|^gd-step/" "$out/run.log" | grep -E "fused|triton" | head -n 16
-exit $(( tests_rc != 0 || run_rc != 0 ))
+grep -E "^lora-conv/|^gd-step/" "$out/run.log" | grep -E "fused|triton" | head -n 24
+echo "lorun-fused with the v1 convolution (rc $v1_rc):"
+grep -E "^lorun-fused" "$out/run-v1.log" | head -n 4
+exit $(( tests_rc != 0 || run_rc != 0 || v1_rc != 0 ))

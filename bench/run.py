@@ -8,10 +8,11 @@ Providers (one DUN shape, one strategy or implementation each; all timed interle
 - ``block``: K independent denoisers, eager (the full-parameter Block-K baseline);
 - ``shared``: one weight-tied denoiser, eager;
 - ``lorun-reference``: shared frozen base + per-stage adapters, peft-style unfused LoRA, eager;
-- ``lorun-merged``: the same weights through ``FusedLoRunConv(backend="merged")``: merge with torch, then cuDNN;
+- ``lorun-merged``: the same weights through ``FusedLoRunConv(backend="merged")``: merge with torch, then cuDNN
+  (inference reuses each stage's merged weight from the layer's cache; training merges with autograd every step);
 - ``lorun-fused``: the same weights through ``FusedLoRunConv(backend="auto")``: the fused Triton convolution
-  for 3×3 layers (ReLU and skip fused into residual blocks), cuDNN for the 2×2 down/up layers; fast GD steps when
-  available. CUDA only.
+  (the design ``LORUN_FAST_CONV_KERNEL`` selects, v2 by default) for 3×3 layers (ReLU and skip fused into residual
+  blocks), cuDNN for the 2×2 down/up layers; fast GD steps when available. CUDA only.
 
 With ``--compile`` each provider also runs under ``torch.compile`` (``<name>+compile``); with ``--checkpointing``
 training rows are also measured with per-stage activation checkpointing (``<name>+ckpt``).

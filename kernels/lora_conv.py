@@ -925,9 +925,10 @@ def _relu_grad_input(grad_y, saved, relu, mask_from_output, out_scale):
 
 
 def lora_conv2d_backward(grad_y, x, weight, lora_a, lora_b, saved, scaling, relu, mask_from_output, out_scale,
-                         input_precision, need_x, need_w, need_a, need_b, need_bias):
-    """All input gradients of the fused op; entries not asked for are empty tensors. See FusedLoRAConv2dFunction."""
-    if conv_kernel() == "v2":
+                         input_precision, need_x, need_w, need_a, need_b, need_bias, version=None):
+    """All input gradients of the fused op; entries not asked for are empty tensors. See FusedLoRAConv2dFunction.
+    ``version``: the design that ran the forward ("v1" / "v2"; default: ``settings.conv_kernel()``)."""
+    if (version or conv_kernel()) == "v2":
         return _lora_conv2d_backward_v2(grad_y, x, weight, lora_a, lora_b, saved, scaling, relu, mask_from_output,
                                         out_scale, input_precision, need_x, need_w, need_a, need_b, need_bias)
     co, ci, k, _ = weight.shape
@@ -1043,17 +1044,18 @@ def _(x, weight, bias, residual, relu, out_scale, input_precision):
 @torch.library.custom_op("lorun_fast::lora_conv2d_backward", mutates_args=())
 def _lora_conv2d_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                              lora_b: torch.Tensor, saved: Optional[torch.Tensor], scaling: float, relu: bool,
-                             mask_from_output: bool, out_scale: float, input_precision: str, need_x: bool,
-                             need_w: bool, need_a: bool, need_b: bool, need_bias: bool
+                             mask_from_output: bool, out_scale: float, input_precision: str, version: str,
+                             need_x: bool, need_w: bool, need_a: bool, need_b: bool, need_bias: bool
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of ``lorun_fast::lora_conv2d``: ``(dx, dW, dA, dB, dbias)``, empty where not needed."""
+    """Backward of ``lorun_fast::lora_conv2d``: ``(dx, dW, dA, dB, dbias)``, empty where not needed; ``version``
+    is the design ("v1" / "v2") that ran the forward."""
     return lora_conv2d_backward(grad_y, x, weight, lora_a, lora_b, saved, scaling, relu, mask_from_output,
-                                out_scale, input_precision, need_x, need_w, need_a, need_b, need_bias)
+                                out_scale, input_precision, need_x, need_w, need_a, need_b, need_bias, version)
 
 
 @_lora_conv2d_backward_op.register_fake
 def _(grad_y, x, weight, lora_a, lora_b, saved, scaling, relu, mask_from_output, out_scale, input_precision,
-      need_x, need_w, need_a, need_b, need_bias):
+      version, need_x, need_w, need_a, need_b, need_bias):
     dx = _empty_image(x.shape, x, _wants_channels_last(x)) if need_x else x.new_empty(0)
     dw = weight.new_empty(weight.shape) if need_w else x.new_empty(0)
     da = lora_a.new_empty(lora_a.shape) if need_a else x.new_empty(0)
@@ -1085,6 +1087,12 @@ class FusedLoRAConv2dFunction(torch.autograd.Function):
         dx        = conv_transpose(dpre, W_k) = conv(dpre, flip_{h,w}(W_k) with in/out channels swapped)
 
     Saved: x, W, A, B and y (or the uint8 mask); nothing of rank r. ``s``, ``out_scale`` are constants (no grad).
+
+    Two designs compute this (``settings.conv_kernel()`` at the forward, remembered for the backward). v1: W_k is
+    formed tile by tile inside every forward program; ``dpre`` is written by torch; dW_eff is reduced one tap per
+    program. v2: W_k is formed once per launch (torch, fp32, rounded once); the forward and dx kernels read a haloed
+    x tile once per Ci chunk; ``dpre`` is formed inside the dx and dW kernels as they load G; dW_eff (and dbias)
+    reduce all taps in one program.
     """
 
     @staticmethod
@@ -1100,6 +1108,7 @@ class FusedLoRAConv2dFunction(torch.autograd.Function):
         saved = (y if ctx.mask_from_output else mask) if relu else None
         ctx.save_for_backward(x, weight, lora_a, lora_b, saved)
         ctx.scaling, ctx.relu, ctx.out_scale, ctx.input_precision = scaling, relu, out_scale, input_precision
+        ctx.version = conv_kernel()
         if hasattr(ctx, "mark_non_differentiable"):
             ctx.mark_non_differentiable(mask)
 
@@ -1109,7 +1118,7 @@ class FusedLoRAConv2dFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx, dw, da, db, dbias = torch.ops.lorun_fast.lora_conv2d_backward(
             grad_y, x, weight, lora_a, lora_b, saved, ctx.scaling, ctx.relu, ctx.mask_from_output, ctx.out_scale,
-            ctx.input_precision, need[0], need[1], need[2], need[3], need[4])
+            ctx.input_precision, ctx.version, need[0], need[1], need[2], need[3], need[4])
         return (dx if need[0] else None, dw if need[1] else None, da if need[2] else None, db if need[3] else None,
                 dbias if need[4] else None, grad_y if need[5] else None, None, None, None, None)
 

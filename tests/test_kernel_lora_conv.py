@@ -322,6 +322,22 @@ def test_v2_backward_never_writes_the_masked_gradient(conv_kernel, monkeypatch):
             assert_close_fp32(f"d{name}", grads[name], grads_ref[name], "ieee")
 
 
+def test_backward_runs_the_design_of_its_forward(conv_kernel, monkeypatch):
+    """The design is read when the forward runs and remembered: a backward after the switch changed still runs the
+    forward's (so a benchmark can time v1 and v2 training steps side by side in one process)."""
+    other = "v1" if conv_kernel == "v2" else "v2"
+    case = make_case(1, 8, 8, 3, 2, 6, 7, seed=33)
+    leaves = [case[k].float().requires_grad_() for k in ("x", "weight", "lora_a", "lora_b")]
+    y = fused_lora_conv2d(*leaves, 0.5, None, padding=1, relu=True, input_precision="ieee")
+    calls = []
+    original = lc._lora_conv2d_backward_v2
+    monkeypatch.setattr(lc, "_lora_conv2d_backward_v2", lambda *a: calls.append(1) or original(*a))
+    with use_conv_kernel(other):
+        y.backward(case["grad"].float())
+    assert bool(calls) == (conv_kernel == "v2")
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # determinism, autograd.Function, custom op, torch.compile
 # --------------------------------------------------------------------------------------------------------------------
@@ -366,7 +382,7 @@ def test_autograd_function_matches_custom_op():
         assert torch.equal(g1[name], g2[name]), name
 
 
-def test_opcheck_custom_ops():
+def test_opcheck_custom_ops(conv_kernel):
     case = make_case(1, 16, 16, 3, 4, 8, 8, residual=True, seed=19)
     x, w, a, b, bias, res = (case[k].float() for k in GRAD_NAMES)
     for requires_grad in (False, True):
@@ -375,7 +391,7 @@ def test_opcheck_custom_ops():
                               (*leaves, res, 0.5, True, 1.0, "ieee"))
     torch.library.opcheck(torch.ops.lorun_fast.lora_conv2d_backward.default,
                           (case["grad"].float(), x, w, a, b, None, 0.5, False, True, 1.0, "ieee",
-                           True, True, True, True, True))
+                           conv_kernel, True, True, True, True, True))
 
 
 def _compile_check(backend):
