@@ -313,9 +313,10 @@ def _jit_of(obj):
 
 
 def kernel_objects():
-    """Every launchable ``@triton.jit`` kernel of the kernel modules: (module, name) → object. Device helpers
-    (``@triton.jit`` functions called from kernels, e.g. ``_mma``) take no pointer arguments and are left out:
-    they are compiled as part of every kernel that calls them."""
+    """Every launchable ``@triton.jit`` kernel of the kernel modules: (module, name) → object. Kernels are named
+    ``*_kernel``; device helpers (``@triton.jit`` functions called from kernels, e.g. ``_mma`` or the conv
+    ``_epilogue``, which takes pointers too) are left out: they are compiled as part of every kernel that calls them,
+    and wrapping one in a recorder would put a non-copyable object into its callers' globals."""
     import importlib
     out = {}
     for mod_name in KERNEL_MODULES:
@@ -324,7 +325,7 @@ def kernel_objects():
             jit = _jit_of(obj)
             if jit is None or jit.__module__ != mod.__name__:
                 continue
-            if not any(a.endswith("_ptr") for a in jit.arg_names):
+            if not name.endswith("_kernel") or not any(a.endswith("_ptr") for a in jit.arg_names):
                 continue
             out[(mod, name)] = obj
     return out
