@@ -33,7 +33,7 @@ Numerics before timing: each provider's output (and, for forward+backward, its g
 is compared with a float64 computation of the same function on the same (already rounded) inputs — the merged
 formula ``conv(x, W + s·B·A)`` for the LoRA providers, ``conv(x, W)`` for ``conv`` — as ‖out − ref‖ / ‖ref‖ (the
 largest over y, dx, dA, dB / dW). A provider over its tolerance (fp32 1e-4, tf32 5e-3, bf16 3e-2, fp16 1e-2; for
-the fused-triton rows also docs/design.md §7.3's "2× the error of merged-cudnn", whichever is larger), or with a NaN, gets status
+the fused-triton rows also docs/design.md, §7.3's "2× the error of merged-cudnn", whichever is larger), or with a NaN, gets status
 "failed numerics" and no timing, so a wrong kernel cannot produce a fast row silently.
 """
 from __future__ import annotations
@@ -377,7 +377,7 @@ def _run_shape(device, gpu, hbm, names, c, side, nb, dtype_name, sizes: Sizes, v
         except Exception as exc:  # noqa: BLE001 - one broken provider must not stop the others
             set_status(name, harness.error_status(exc))
             continue
-        # the fused rows may also be off by up to 2× merged-cudnn's error (docs/design.md §7.3).
+        # the fused rows may also be off by up to 2× merged-cudnn's error (docs/design.md, §7.3).
         baseline = "merged-cudnn" if name.startswith("fused-triton") else None
         if harness.apply_numerics(rows, name, PASSES, checked, TOLERANCE[precision], baseline):
             providers[name] = provider  # time only the passes that passed

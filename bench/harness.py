@@ -534,7 +534,7 @@ def apply_numerics(rows: Mapping[tuple[str, str], dict], name: str, passes, chec
                    base_tol: float, baseline: str | None = None) -> bool:
     """Record rel_err, rel_errs and tol in the rows ``rows[(name, pass)]``; a row over its tolerance (or NaN) gets
     status ``failed numerics: ...``. With a ``baseline`` provider whose row of the same pass has a rel_err, the
-    tolerance is at least twice that error (docs/design.md §7.3). Returns whether any pass is still "ok" (to be timed)."""
+    tolerance is at least twice that error (docs/design.md, §7.3). Returns whether any pass is still "ok" (to be timed)."""
     for pass_ in passes:
         row = rows[(name, pass_)]
         tol = base_tol

@@ -1,6 +1,6 @@
 """CPU tests of the benchmark helpers (bench/harness.py) and the single-layer benchmark (bench/conv_layer.py).
 
-Speed is never asserted here (docs/design.md §7.3): only that the measurements are well-formed, that every provider runs,
+Speed is never asserted here (docs/design.md, §7.3): only that the measurements are well-formed, that every provider runs,
 that the numerics gate works and that the scripts still run.
 """
 import json
