@@ -18,13 +18,13 @@ py="${PYTHON:-python3}"
 
 # 1. Correctness on the device: every kernel test compiled for the GPU (two tile configs each, one at 8 warps),
 #    the fused layer and model tests, and everything marked gpu.
-LORUN_FAST_TUNE=0 timeout 200 "$py" -m pytest tests/test_kernel_lora_conv.py tests/test_kernel_gd_step.py \
-    tests/test_fused_conv.py tests/test_reference_dun.py -q -rfEs --junitxml="$out/gpu-tests.xml" \
+LORUN_FAST_TUNE=0 timeout 200 "$py" -m pytest tests/test_lora_conv.py tests/test_gd_step.py \
+    tests/test_lora_conv_layer.py tests/test_reference_dun.py -q -rfEs --junitxml="$out/gpu-tests.xml" \
     > "$out/gpu-tests.log" 2>&1
 tests_rc=$?
 
 # 2. The benchmark report at full size (autotuned kernels), CS 25%, 9 stages, with the kernels' quick shapes
-#    (fp32/TF32 and bf16). The full kernel grids: bench/conv_layer.py and bench/gd_step.py, run on their own.
+#    (fp32/TF32 and bf16). The full kernel grids: bench/lora_conv.py and bench/gd_step.py, run on their own.
 #    Its kernel rows time both designs of the LoRA convolution side by side (lora-conv/fused-triton is v2,
 #    lora-conv/fused-triton-v1 the earlier one), and its lorun-fused model runs v2.
 timeout 260 "$py" bench/run.py --stages 9 --checkpointing --out "$out/run" > "$out/run.log" 2>&1

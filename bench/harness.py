@@ -16,7 +16,7 @@ Public functions:
 - ``peak_flops(device, dtype)``: datasheet dense FLOP/s of the GPU at a precision.
 - ``gpu_spec(name)``: the datasheet table entry for a GPU name (or None).
 
-Shared by the single-layer benchmarks (``conv_layer.py``, ``gd_step.py``), whose rows have the same measurement
+Shared by the single-layer benchmarks (``lora_conv.py``, ``gd_step.py``), whose rows have the same measurement
 columns: ``pick``, ``require_positive``, ``check_known``, ``error_status``, ``rel_err``, ``numerics_summary``,
 ``apply_numerics``, ``measure_providers`` / ``fill_roofline``, ``fill_ratios``, ``fmt_or_dash``, ``fmt_ratio``,
 ``pass_label``, ``MEASUREMENT_HEADER`` / ``measurement_cells``, ``hbm_note``, ``write_report_folder`` and
@@ -489,7 +489,7 @@ def hbm_bandwidth(device, nbytes: int = 2 ** 30) -> dict | None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Rows, tables and report folders of the single-layer benchmarks (conv_layer.py, gd_step.py)
+# Rows, tables and report folders of the single-layer benchmarks (lora_conv.py, gd_step.py)
 # --------------------------------------------------------------------------------------------------------------------
 
 def pick(value, default):

@@ -67,7 +67,7 @@ def model_rows(name: str, model, batch: int, size, memory: dict, t_infer: dict |
 
 
 def kernel_rows(label: str, raw_rows: list[dict]) -> list[dict]:
-    """Report rows from a single-kernel benchmark's rows (``conv_layer.run`` / ``gd_step.run``)."""
+    """Report rows from a single-kernel benchmark's rows (``lora_conv.run`` / ``gd_step.run``)."""
     out = []
     for raw in raw_rows:
         shape = {k: raw[k] for k in KERNEL_SHAPE_KEYS if k in raw}

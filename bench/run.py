@@ -19,7 +19,7 @@ training rows are also measured with per-stage activation checkpointing (``<name
 
 Sections of the report: model rows (parameters; inference and training-step latency, throughput and peak memory
 with a breakdown), a stage sweep 1..N (parameters and training memory of ``block`` vs ``lorun``), and the kernel
-rows of the single-layer benchmarks (``bench/conv_layer.py``, ``bench/gd_step.py``). ``results.json`` follows
+rows of the single-layer benchmarks (``bench/lora_conv.py``, ``bench/gd_step.py``). ``results.json`` follows
 the schema in ``bench/report.py``; ``report.md`` and PNG plots sit beside it.
 
 On a CPU the sizes are reduced (and the report says so), timings use the host clock, and memory is counted
@@ -226,7 +226,7 @@ def stage_sweep(operator, in_channels, stages: int, size: Size, device, dtype) -
 def kernel_rows(device, quick: bool) -> tuple[list[dict], list[str]]:
     """The single-layer benchmarks' rows, converted to report rows; a benchmark that is missing or fails is said."""
     rows, notes = [], []
-    for module_name, label in (("conv_layer", "lora-conv"), ("gd_step", "gd-step")):
+    for module_name, label in (("lora_conv", "lora-conv"), ("gd_step", "gd-step")):
         try:
             module = __import__(module_name)
         except ImportError as err:
@@ -256,7 +256,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-kernels", action="store_true", help="skip the single-kernel rows")
     parser.add_argument("--kernel-grid", choices=("quick", "full"), default="quick",
                         help="single-kernel shapes: quick (the NOTES.md shape; default) or the full grid of "
-                             "bench/conv_layer.py and bench/gd_step.py (minutes of autotuning on a GPU)")
+                             "bench/lora_conv.py and bench/gd_step.py (minutes of autotuning on a GPU)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1: on a small shared machine OpenMP threads that spin "
                              "against other processes made reduced runs 100× slower)")

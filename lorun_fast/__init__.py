@@ -9,7 +9,7 @@ import importlib
 __version__ = "0.1.0"
 __all__ = ["FusedLoRunConv", "ModelConfig", "build_dun", "to_fast", "to_reference", "__version__"]
 
-_LAZY = {"FusedLoRunConv": "lorun_fast.fused_conv", "ModelConfig": "lorun_fast.models",
+_LAZY = {"FusedLoRunConv": "lorun_fast.lora_conv", "ModelConfig": "lorun_fast.models",
          "build_dun": "lorun_fast.models", "to_fast": "lorun_fast.models", "to_reference": "lorun_fast.models"}
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lorun_fast.fused_conv import FusedLoRunConv
+from lorun_fast.lora_conv import FusedLoRunConv
 from lorun_fast.operators import fast_operator, has_fast_sibling, reference_operator
 from lorun_fast.reference import DUN, ISTANetPlusPhase, LoRAConv2d, Operator, ResBlock, ResUNet
 

@@ -1,4 +1,4 @@
-"""CPU tests of the benchmark helpers (bench/harness.py) and the single-layer benchmark (bench/conv_layer.py).
+"""CPU tests of the benchmark helpers (bench/harness.py) and the single-layer benchmark (bench/lora_conv.py).
 
 Speed is never asserted here (docs/design.md, §7.3): only that the measurements are well-formed, that every provider runs,
 that the numerics gate works and that the scripts still run.
@@ -17,7 +17,7 @@ BENCH = REPO / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))  # bench/ is not a package: its scripts `import harness`
 
-import conv_layer  # noqa: E402
+import lora_conv  # noqa: E402
 import harness  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -161,39 +161,39 @@ def test_machine_info_cpu():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# conv_layer
+# lora_conv
 # --------------------------------------------------------------------------------------------------------------------
 
 def test_byte_and_flop_counts_match_the_notes():
     # C=32, 256², batch 16, rank 4 (the NOTES.md shape): activations 16·256²·32 = 33,554,432 elements.
     act = 16 * 256 * 256 * 32
     w, a, b = 32 * 32 * 9, 4 * 32 * 9, 32 * 4
-    assert conv_layer.minimal_bytes("fused-triton", "forward", 16, 32, 32, 256, 256, 4, 4) == 4 * (2 * act + w + a + b)
-    assert conv_layer.minimal_bytes("fused-triton", "forward+backward", 16, 32, 32, 256, 256, 4, 2) \
+    assert lora_conv.minimal_bytes("fused-triton", "forward", 16, 32, 32, 256, 256, 4, 4) == 4 * (2 * act + w + a + b)
+    assert lora_conv.minimal_bytes("fused-triton", "forward+backward", 16, 32, 32, 256, 256, 4, 2) \
         == 2 * (5 * act + 2 * w + 3 * a + 3 * b)
-    assert conv_layer.minimal_bytes("conv", "forward+backward", 16, 32, 32, 256, 256, 4, 4) == 4 * (5 * act + 3 * w)
+    assert lora_conv.minimal_bytes("conv", "forward+backward", 16, 32, 32, 256, 256, 4, 4) == 4 * (5 * act + 3 * w)
     conv = 2 * 16 * 256 * 256 * 32 * 32 * 9
     assert conv == 19_327_352_832
-    assert conv_layer.flop_count("conv", "forward+backward", 16, 32, 32, 256, 256, 4) == 3 * conv
-    assert conv_layer.flop_count("merged-cudnn", "forward", 16, 32, 32, 256, 256, 4) == conv + 2 * w * 4
+    assert lora_conv.flop_count("conv", "forward+backward", 16, 32, 32, 256, 256, 4) == 3 * conv
+    assert lora_conv.flop_count("merged-cudnn", "forward", 16, 32, 32, 256, 256, 4) == conv + 2 * w * 4
     fa, fb = 2 * 16 * 256 * 256 * 4 * 32 * 9, 2 * 16 * 256 * 256 * 32 * 4
-    assert conv_layer.flop_count("peft-unfused", "forward+backward", 16, 32, 32, 256, 256, 4) \
+    assert lora_conv.flop_count("peft-unfused", "forward+backward", 16, 32, 32, 256, 256, 4) \
         == 2 * conv + 3 * (fa + fb)
 
 
 def _quick_rows(**kw):
-    return conv_layer.run(CPU, quick=True, rounds=2, warmup_ms=0, rep_ms=2, **kw)
+    return lora_conv.run(CPU, quick=True, rounds=2, warmup_ms=0, rep_ms=2, **kw)
 
 
-def test_conv_layer_cpu_quick_rows():
+def test_lora_conv_cpu_quick_rows():
     rows = _quick_rows()
-    assert len(rows) == len(conv_layer.PROVIDERS) * len(conv_layer.PASSES)
-    assert {(r["provider"], r["pass"]) for r in rows} == {(p, q) for p in conv_layer.PROVIDERS
-                                                          for q in conv_layer.PASSES}
+    assert len(rows) == len(lora_conv.PROVIDERS) * len(lora_conv.PASSES)
+    assert {(r["provider"], r["pass"]) for r in rows} == {(p, q) for p in lora_conv.PROVIDERS
+                                                          for q in lora_conv.PASSES}
     for r in rows:
         assert r["layout"] == "channels_last" and r["device"] == "cpu"
         assert r["rank"] == 2 and r["bytes_min"] > 0 and r["flops"] > 0
-        if r["provider"] in conv_layer.CUDA_ONLY:
+        if r["provider"] in lora_conv.CUDA_ONLY:
             assert r["status"] == "skipped: needs CUDA"
             assert r["p50_ms"] is None and r["rel_err"] is None
             continue
@@ -209,14 +209,14 @@ def test_conv_layer_cpu_quick_rows():
         assert r["t_over_merged"] is not None and r["t_over_unfused"] is not None
         if r["provider"] == "conv":
             assert r["t_over_conv"] == pytest.approx(1.0)
-    table = conv_layer.format_table(rows)
+    table = lora_conv.format_table(rows)
     assert "skipped: needs CUDA" in table and "peft-unfused" in table
     json.dumps(rows)
 
 
-def test_conv_layer_wrong_provider_is_not_timed(monkeypatch):
-    real = conv_layer.merged_conv
-    monkeypatch.setattr(conv_layer, "merged_conv", lambda layer, x, stage: real(layer, x, stage) * 1.01)
+def test_lora_conv_wrong_provider_is_not_timed(monkeypatch):
+    real = lora_conv.merged_conv
+    monkeypatch.setattr(lora_conv, "merged_conv", lambda layer, x, stage: real(layer, x, stage) * 1.01)
     rows = _quick_rows(providers=["conv", "merged-cudnn"])
     bad = [r for r in rows if r["provider"] == "merged-cudnn"]
     assert all(r["status"].startswith("failed numerics") and r["p50_ms"] is None for r in bad)
@@ -224,26 +224,26 @@ def test_conv_layer_wrong_provider_is_not_timed(monkeypatch):
     assert all(r["status"] == "ok" for r in rows if r["provider"] == "conv")
 
 
-def test_conv_layer_shape_failure_becomes_error_rows(monkeypatch):
+def test_lora_conv_shape_failure_becomes_error_rows(monkeypatch):
     measured = _quick_rows(providers=["conv"])[0]
 
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (stand-in)")
-    monkeypatch.setattr(conv_layer, "make_problem", broken)
+    monkeypatch.setattr(lora_conv, "make_problem", broken)
     rows = _quick_rows()
-    assert len(rows) == len(conv_layer.PROVIDERS) * len(conv_layer.PASSES)
+    assert len(rows) == len(lora_conv.PROVIDERS) * len(lora_conv.PASSES)
     assert all(r["status"] == "error: RuntimeError: CUDA out of memory (stand-in)" for r in rows)
     assert set(rows[0]) == set(measured)  # same columns as a measured row
-    conv_layer.format_table(rows)
+    lora_conv.format_table(rows)
 
 
-def test_conv_layer_fused_provider_through_the_interpreter(monkeypatch):
+def test_lora_conv_fused_provider_through_the_interpreter(monkeypatch):
     """The fused-triton wiring of both designs (argument order, grads of A and B, numerics gate) on a tiny shape,
     interpreted."""
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("exercises the CPU interpreter path only")
-    monkeypatch.setattr(conv_layer, "CUDA_ONLY", ())
-    rows = conv_layer.run(CPU, quick=True, hw=[8], rounds=1, warmup_ms=0, rep_ms=0,
+    monkeypatch.setattr(lora_conv, "CUDA_ONLY", ())
+    rows = lora_conv.run(CPU, quick=True, hw=[8], rounds=1, warmup_ms=0, rep_ms=0,
                           providers=["merged-cudnn", "fused-triton", "fused-triton-v1"])
     fused = [r for r in rows if r["provider"].startswith("fused-triton")]
     assert len(fused) == 4  # both designs, both passes
@@ -252,8 +252,8 @@ def test_conv_layer_fused_provider_through_the_interpreter(monkeypatch):
         assert r["rel_err"] < 1e-5 and r["p50_ms"] > 0
 
 
-def test_conv_layer_main_writes_report(tmp_path, capsys):
-    assert conv_layer.main(["--quick", "--device", "cpu", "--rounds", "1", "--rep-ms", "1",
+def test_lora_conv_main_writes_report(tmp_path, capsys):
+    assert lora_conv.main(["--quick", "--device", "cpu", "--rounds", "1", "--rep-ms", "1",
                             "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "skipped: needs CUDA" in printed and "merged-cudnn" in printed
@@ -371,7 +371,7 @@ def test_gd_step_wrong_provider_is_not_timed(monkeypatch):
 def test_gd_step_fused_providers_through_the_interpreter():
     """The fused providers' wiring (argument order, grads of x, y and ρ, numerics gate) on tiny shapes, interpreted.
     fused-one-gemm differs from fused-two-gemm only by its algorithm string, and its interpreted run costs seconds
-    more, so it is left to tests/test_kernel_gd_step.py."""
+    more, so it is left to tests/test_gd_step.py."""
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("exercises the CPU interpreter path only")
     for op, side, names in (("cs", 33, ("fused-two-gemm",)), ("cassi", 8, ("fused",)), ("sr", 8, ("fused",))):

@@ -1,8 +1,8 @@
 """One LoRA convolution layer, five ways: plain conv, peft-style unfused, merge + cuDNN, fused Triton (two designs).
 
-    python bench/conv_layer.py                 # GPU: C ∈ {16, 32, 64}, 256² and 512², batch 1 and 16, fp32/TF32 + bf16
-    python bench/conv_layer.py --quick         # GPU: C=32, 256², batch 16, both dtypes (the NOTES.md shape)
-    python bench/conv_layer.py --out DIR       # also write DIR/results.json and DIR/report.md
+    python bench/lora_conv.py                 # GPU: C ∈ {16, 32, 64}, 256² and 512², batch 1 and 16, fp32/TF32 + bf16
+    python bench/lora_conv.py --quick         # GPU: C=32, 256², batch 16, both dtypes (the NOTES.md shape)
+    python bench/lora_conv.py --out DIR       # also write DIR/results.json and DIR/report.md
 
 On a CPU it runs the CPU-capable providers (conv, peft-unfused, merged-cudnn — which is merge + F.conv2d on the CPU,
 not cuDNN there) at reduced sizes in seconds, with host-clock timings, and reports the fused-triton rows as
@@ -334,7 +334,7 @@ def _run_shape(device, gpu, hbm, names, c, side, nb, dtype_name, sizes: Sizes, v
     rank = lora_rank(c, c, GAMMA)
     elem = torch.empty((), dtype=dtype).element_size()
     if verbose:
-        print(f"[conv_layer] C={c} r={rank} {side}x{side} N={nb} {dtype_name} ({precision}) on {device}",
+        print(f"[lora_conv] C={c} r={rank} {side}x{side} N={nb} {dtype_name} ({precision}) on {device}",
               file=sys.stderr, flush=True)
     prob = make_problem(c, side, nb, dtype, device)
     peak = harness.peak_flops(device, precision) if cuda else None
@@ -473,7 +473,7 @@ def main(argv=None) -> int:
     if args.out:
         harness.write_report_folder(args.out, "single LoRA conv layer", info=info, hbm=hbm, quick=args.quick,
                                     notes=notes, rows=rows, table=table)
-    return harness.print_report("conv_layer", device, info, notes, table, rows, args.out)
+    return harness.print_report("lora_conv", device, info, notes, table, rows, args.out)
 
 
 if __name__ == "__main__":
