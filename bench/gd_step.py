@@ -66,6 +66,7 @@ from typing import Callable, Sequence
 import torch
 
 import harness
+from lorun_fast.testing import BENCH_TOLERANCE
 from lorun_fast.reference import CASSI, BicubicSR, BlockCS, SuperResolution, gaussian_kernel
 from lorun_fast.reference.bicubic import imresize_matrix
 
@@ -78,7 +79,6 @@ OP_PROVIDERS = {"cs": ("eager", "ista-mm", "fused-two-gemm", "fused-one-gemm"),
 PROVIDERS = ("eager", "ista-mm", "fused-two-gemm", "fused-one-gemm", "fused")
 CUDA_ONLY = ("fused-two-gemm", "fused-one-gemm", "fused")
 PASSES = ("forward", "forward+backward")
-TOLERANCE = {"fp32": 1e-4, "tf32": 5e-3, "bf16": 3e-2, "fp16": 1e-2}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 CS_RATIO = 0.25
@@ -590,7 +590,7 @@ def _run_shape(device, gpu, hbm, op, names, passes, side, nb, dtype_name, sizes:
             continue
         # The fused providers may also be off by up to 2× eager's error (docs/design.md, §7.2).
         baseline = "eager" if name in CUDA_ONLY else None
-        if harness.apply_numerics(rows, name, passes, checked, TOLERANCE[precision], baseline):
+        if harness.apply_numerics(rows, name, passes, checked, BENCH_TOLERANCE[precision], baseline):
             providers[name] = provider  # time only the passes that passed
     ref = None
 

@@ -42,6 +42,8 @@ from typing import Callable, Mapping
 
 import torch
 
+from lorun_fast.testing import bench_tolerance
+
 REPO = Path(__file__).resolve().parents[1]
 
 __all__ = ["REPO", "git_commit", "machine_info", "tf32_settings", "tf32_mode", "quantiles", "summarize", "time_fn",
@@ -537,10 +539,9 @@ def apply_numerics(rows: Mapping[tuple[str, str], dict], name: str, passes, chec
     tolerance is at least twice that error (docs/design.md, §7.3). Returns whether any pass is still "ok" (to be timed)."""
     for pass_ in passes:
         row = rows[(name, pass_)]
-        tol = base_tol
         base_row = rows.get((baseline, pass_)) if baseline is not None else None
-        if base_row is not None and base_row["rel_err"] is not None:
-            tol = max(base_tol, 2 * base_row["rel_err"] + 1e-6)
+        base_err = base_row["rel_err"] if base_row is not None else None
+        tol = bench_tolerance(base_tol, base_err)
         err = checked[pass_]["max"]
         row.update(rel_err=err, rel_errs=checked[pass_]["errors"], tol=tol)
         if not err <= tol:

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import harness
+from lorun_fast.testing import BENCH_TOLERANCE
 from lorun_fast.reference import LoRAConv2d, lora_rank, merged_conv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +59,6 @@ PROVIDERS = ("conv", "peft-unfused", "merged-cudnn", "fused-triton", "fused-trit
 CUDA_ONLY = ("fused-triton", "fused-triton-v1")
 PASSES = ("forward", "forward+backward")
 LORA_PROVIDERS = ("peft-unfused", "merged-cudnn", "fused-triton", "fused-triton-v1")
-TOLERANCE = {"fp32": 1e-4, "tf32": 5e-3, "bf16": 3e-2, "fp16": 1e-2}
 GAMMA = 10.0
 KSIZE = 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -379,7 +379,7 @@ def _run_shape(device, gpu, hbm, names, c, side, nb, dtype_name, sizes: Sizes, v
             continue
         # the fused rows may also be off by up to 2× merged-cudnn's error (docs/design.md, §7.3).
         baseline = "merged-cudnn" if name.startswith("fused-triton") else None
-        if harness.apply_numerics(rows, name, PASSES, checked, TOLERANCE[precision], baseline):
+        if harness.apply_numerics(rows, name, PASSES, checked, BENCH_TOLERANCE[precision], baseline):
             providers[name] = provider  # time only the passes that passed
     refs.clear()
 

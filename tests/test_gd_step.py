@@ -28,6 +28,7 @@ from lorun_fast.kernels.gd_step_cassi import gd_step_cassi  # noqa: E402
 from lorun_fast.kernels.gd_step_cs import gd_step_cs  # noqa: E402
 from lorun_fast.kernels.gd_step_sr import gd_step_sr  # noqa: E402
 from lorun_fast.reference.bicubic import BicubicSR  # noqa: E402
+from lorun_fast.testing import assert_close_to_reference  # noqa: E402
 from lorun_fast.reference.operators import (  # noqa: E402
     CASSI, BlockCS, SuperResolution, gaussian_kernel, load_mat_array)
 
@@ -44,18 +45,8 @@ pytestmark = [
 gpu_only = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA device and compiled (not interpreted) "
                                                                 "Triton kernels")
 
-# All tolerances. float32 modes: max|kernel − ref| ≤ rtol·scale + atol against a float64 reference, where scale is
-# max|ref| for z, dx, dy and Σ|G·Aᵀ(Ax − y)| for dρ (a sum of many signed terms: its rounding error scales with the
-# terms, not with the possibly cancelled total). 16-bit dtypes:
-#     max|kernel − ref| ≤ factor·max|torch − ref| + atol·scale,
-# where "torch" is the reference operator evaluated by PyTorch in that dtype.
-TOL = {
-    "ieee": {"rtol": 1e-5, "atol": 1e-6},
-    "tf32": {"rtol": 5e-3, "atol": 1e-4},  # 10-bit-mantissa products on a GPU; exact fp32 in the interpreter
-    "tf32x3": {"rtol": 1e-5, "atol": 1e-6},
-    torch.bfloat16: {"factor": 2.0, "atol": 1e-2},
-    torch.float16: {"factor": 2.0, "atol": 2e-3},
-}
+# Tolerances: lorun_fast.testing. The scale of z, dx and dy is max|ref|; that of dρ is Σ|G·Aᵀ(Ax − y)| (a sum of
+# many signed terms: its rounding error grows with the terms, not with the possibly cancelled total).
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +107,7 @@ def run(step_fn, case, dtype, rho_grad=True, device=DEVICE):
 
 
 def scales(op, case, ref):
-    """The scale each quantity is judged against (see TOL)."""
+    """The scale each quantity is judged against (see the note on tolerances above)."""
     adj = op.A_adjoint(op.A(case["x"]) - case["y"], tuple(case["x"].shape[-2:]))
     s = {k: v.abs().max().item() for k, v in ref.items()}
     s["drho"] = (case["g"].abs() * adj.abs()).sum().item()
@@ -124,11 +115,7 @@ def scales(op, case, ref):
 
 
 def assert_fp32(name, got, want, scale, mode="ieee"):
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten / poisoned elements?)"
-    tol = TOL[mode]
-    err = (got - want).abs().max().item() if got.numel() else 0.0
-    assert err <= tol["rtol"] * scale + tol["atol"], f"{name}: max error {err:.3g} (scale {scale:.3g}, {mode})"
+    assert_close_to_reference(name, got, want, mode, scale=scale)
 
 
 def check_against_reference(op, step_fn, case, mode="ieee"):
@@ -144,13 +131,8 @@ def check_half(op, step_fn, case, dtype):
     torch_same = run(op.gd_step, case, dtype, device="cpu")
     ref = run(op.gd_step, case, torch.float64, device="cpu")
     sc = scales(op, case, ref)
-    tol = TOL[dtype]
     for name in ref:
-        assert torch.isfinite(got[name]).all(), f"{name}: non-finite values"
-        err = (got[name] - ref[name]).abs().max().item()
-        torch_err = (torch_same[name] - ref[name]).abs().max().item()
-        assert err <= tol["factor"] * torch_err + tol["atol"] * sc[name], \
-            f"{name}: kernel error {err:.3g} vs torch {dtype} error {torch_err:.3g} (scale {sc[name]:.3g})"
+        assert_close_to_reference(name, got[name], ref[name], dtype, scale=sc[name], torch_same=torch_same[name])
 
 
 def cs_fn(op, algorithm="auto", mode="ieee"):

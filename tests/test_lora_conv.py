@@ -22,6 +22,7 @@ from lorun_fast.kernels import lora_conv as lc  # noqa: E402
 from lorun_fast.kernels.lora_conv import FusedLoRAConv2dFunction, fused_lora_conv2d  # noqa: E402
 from lorun_fast.kernels.settings import CONV_KERNELS, use_conv_kernel  # noqa: E402
 from lorun_fast.reference.lora_conv import LoRAConv2d  # noqa: E402
+from lorun_fast.testing import assert_close_to_reference  # noqa: E402
 
 INTERPRET = lc._INTERPRET
 HAS_CUDA = torch.cuda.is_available()
@@ -34,17 +35,7 @@ pytestmark = pytest.mark.skipif(
 gpu_only = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA device and compiled (not interpreted) "
                                                                 "Triton kernels")
 
-# All tolerances. For float32 modes: max|kernel − ref| ≤ rtol·max|ref| + atol, per output / gradient, against a
-# float64 reference. For 16-bit dtypes:
-#     max|kernel − ref| ≤ factor·max|torch − ref| + atol·max|ref|,
-# where "torch" is the same computation done by PyTorch in that dtype.
-TOL = {
-    "ieee": {"rtol": 1e-5, "atol": 1e-6},
-    "tf32x3": {"rtol": 1e-5, "atol": 1e-6},
-    "tf32": {"rtol": 5e-3, "atol": 1e-4},  # 10-bit-mantissa products on a GPU; exact fp32 in the interpreter
-    torch.float16: {"factor": 2.0, "atol": 2e-3},
-    torch.bfloat16: {"factor": 2.0, "atol": 1.6e-2},
-}
+# Tolerances: lorun_fast.testing (float32 modes against float64, 16-bit dtypes against PyTorch's own error).
 
 GRAD_NAMES = ("x", "weight", "lora_a", "lora_b", "bias", "residual")
 
@@ -130,16 +121,8 @@ def kernel_fn(x, weight, lora_a, lora_b, bias, residual, scaling, relu, out_scal
                              residual=residual, out_scale=out_scale, input_precision=input_precision)
 
 
-def max_err(a, b):
-    return (a - b).abs().max().item() if a.numel() else 0.0
-
-
 def assert_close_fp32(name, got, want, mode):
-    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten / poisoned elements?)"
-    tol = TOL[mode]
-    scale = want.abs().max().item() if want.numel() else 0.0
-    err = max_err(got, want)
-    assert err <= tol["rtol"] * scale + tol["atol"], f"{name}: max error {err:.3g} (reference scale {scale:.3g})"
+    assert_close_to_reference(name, got, want, mode)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -276,12 +259,7 @@ def test_empty_batch():
 # --------------------------------------------------------------------------------------------------------------------
 
 def _assert_mixed(name, got, torch_same, want, dtype):
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    tol = TOL[dtype]
-    err, torch_err = max_err(got, want), max_err(torch_same, want)
-    scale = want.abs().max().item()
-    assert err <= tol["factor"] * torch_err + tol["atol"] * scale, \
-        f"{name}: kernel error {err:.3g} vs torch {dtype} error {torch_err:.3g} (scale {scale:.3g})"
+    assert_close_to_reference(name, got, want, dtype, torch_same=torch_same)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
