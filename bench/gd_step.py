@@ -65,6 +65,7 @@ from typing import Callable, Sequence
 
 import torch
 
+import driver
 import harness
 from lorun_fast.testing import BENCH_TOLERANCE
 from lorun_fast.reference import CASSI, BicubicSR, BlockCS, SuperResolution, gaussian_kernel
@@ -433,7 +434,7 @@ def check_numerics(provider: Provider, prob: Problem, ref: dict[str, torch.Tenso
     rel_err = harness.rel_err
     train_errors = {"z": rel_err(z, ref["z"]), "dx": rel_err(dx, ref["dx"]), "dy": rel_err(dy, ref["dy"]),
                     "drho": rel_err(drho.reshape(()), ref["drho"].reshape(()))}
-    return harness.numerics_summary(forward_errors, train_errors)
+    return driver.numerics_summary(forward_errors, train_errors)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -488,18 +489,18 @@ def run(device, quick: bool, *, ops: Sequence[str] | None = None, hw: Sequence[i
     cuda = device.type == "cuda"
     preset = (GPU_QUICK if quick else GPU_FULL) if cuda else (CPU_QUICK if quick else CPU_FULL)
     cs_hw = tuple(hw) if hw is not None else preset.cs_hw  # an explicit hw applies to CS too
-    sizes = Sizes(harness.pick(hw, preset.hw), cs_hw, harness.pick(batches, preset.batches),
-                  harness.pick(dtypes, preset.dtypes),
+    sizes = Sizes(driver.pick(hw, preset.hw), cs_hw, driver.pick(batches, preset.batches),
+                  driver.pick(dtypes, preset.dtypes),
                   rounds or preset.rounds, preset.warmup_ms if warmup_ms is None else warmup_ms,
                   preset.rep_ms if rep_ms is None else rep_ms,
                   None if passes is not None else preset.train_at)
     op_names = tuple(ops) if ops is not None else OPS
-    harness.check_known("ops", op_names, OPS)
+    driver.check_known("ops", op_names, OPS)
     if providers is not None:
-        harness.check_known("providers", providers, PROVIDERS)
+        driver.check_known("providers", providers, PROVIDERS)
     pass_names = tuple(passes) if passes is not None else PASSES
-    harness.check_known("passes", pass_names, PASSES)
-    harness.check_known("dtypes", sizes.dtypes, DTYPES)
+    driver.check_known("passes", pass_names, PASSES)
+    driver.check_known("dtypes", sizes.dtypes, DTYPES)
 
     gpu = torch.cuda.get_device_name(device) if cuda else None
     hbm = harness.hbm_bandwidth(device) if cuda else None
@@ -533,7 +534,7 @@ def _cs_m() -> int:
 
 def _error_rows(device, gpu, op, names, passes, side, nb, dtype_name, exc) -> list[dict]:
     """Rows for a shape that could not be set up at all (the message says why)."""
-    message = harness.error_status(exc)
+    message = driver.error_status(exc)
     precision = _precision(device, dtype_name)
     shape = _shape_keys(op, side, nb, dtype_name, precision, _cs_m())
     return [dict({"provider": name, "pass": pass_, **shape, "operator": None, "layout": "contiguous",
@@ -569,40 +570,25 @@ def _run_shape(device, gpu, hbm, op, names, passes, side, nb, dtype_name, sizes:
                  "flops": flop_count(op, name, pass_, nb, side, m=m), "peak_key": peak_key},
                 **{k: None for k in ROW_VALUE_KEYS})
 
-    def set_status(name, status):
-        for pass_ in passes:
-            rows[(name, pass_)]["status"] = status
+    refs: dict[str, dict] = {}
 
-    # Build providers and check numerics (this also compiles and autotunes the Triton kernels before any timing).
-    ref = None
-    providers: dict[str, Provider] = {}
-    for name in names:
-        if name in CUDA_ONLY and not cuda:
-            set_status(name, "skipped: needs CUDA")
-            continue
-        try:
-            provider = make_provider(name, prob, precision)
-            if ref is None:
-                ref = reference(prob)
-            checked = check_numerics(provider, prob, ref)
-        except Exception as exc:  # noqa: BLE001 - one broken provider must not stop the others
-            set_status(name, harness.error_status(exc))
-            continue
-        # The fused providers may also be off by up to 2× eager's error (docs/design.md, §7.2).
-        baseline = "eager" if name in CUDA_ONLY else None
-        if harness.apply_numerics(rows, name, passes, checked, BENCH_TOLERANCE[precision], baseline):
-            providers[name] = provider  # time only the passes that passed
-    ref = None
+    def build(name):
+        provider = make_provider(name, prob, precision)
+        if "ref" not in refs:
+            refs["ref"] = reference(prob)
+        return provider, check_numerics(provider, prob, refs["ref"])
 
-    # Memory (outside the timed region), then interleaved timing per pass.
-    for pass_ in passes:
-        fns = {name: forward_fn(provider, prob) if pass_ == "forward" else training_fn(provider, prob)
-               for name, provider in providers.items() if rows[(name, pass_)]["status"] == "ok"}
-        pass_rows = {name: rows[(name, pass_)] for name in names}
-        harness.measure_providers(pass_rows, fns, device, rounds=sizes.rounds, warmup_ms=sizes.warmup_ms,
-                                  rep_ms=sizes.rep_ms, hbm=hbm, spec=spec, peak=peak)
-        harness.fill_ratios(pass_rows, {"t_over_eager": "eager"})
-    del prob, providers
+    def fn_for(provider, pass_):
+        return forward_fn(provider, prob) if pass_ == "forward" else training_fn(provider, prob)
+
+    # The fused providers may also be off by up to 2× eager's error (docs/design.md, §7.3).
+    driver.gate_and_measure(
+        rows, names, passes, device=device, cuda_only=CUDA_ONLY, build=build,
+        baseline_of=lambda name: "eager" if name in CUDA_ONLY else None,
+        tolerance=BENCH_TOLERANCE[precision], fn_for=fn_for, sizes=sizes, hbm=hbm, spec=spec, peak=peak,
+        ratios={"t_over_eager": "eager"})
+    refs.clear()
+    del prob
     if cuda:
         torch.cuda.empty_cache()
     return [rows[(name, pass_)] for pass_ in passes for name in names]
@@ -614,15 +600,15 @@ def _run_shape(device, gpu, hbm, op, names, passes, side, nb, dtype_name, sizes:
 
 def format_table(rows: list[dict]) -> str:
     """A fixed-width table: one line per row; times p50 [p20, p80] ms; t/eager = this p50 over eager's p50."""
-    head = (f"{'op':<8}{'provider':<15}{'pass':<8}{'C':>3}{'HxW':>8}{'N':>4} {harness.MEASUREMENT_HEADER}"
+    head = (f"{'op':<8}{'provider':<15}{'pass':<8}{'C':>3}{'HxW':>8}{'N':>4} {driver.MEASUREMENT_HEADER}"
             f"{'t/eager':>8}  status")
     lines = [head, "-" * len(head)]
     for r in rows:
         size = f"{r['height']}x{r['width']}"
         lines.append(
-            f"{r['op']:<8}{r['provider']:<15}{harness.pass_label(r['pass']):<8}{r['channels']:>3}{size:>8}"
-            f"{r['batch']:>4} {harness.measurement_cells(r, '.4f')}"
-            f"{harness.fmt_ratio(r['t_over_eager']):>8}  {r['status']}")
+            f"{r['op']:<8}{r['provider']:<15}{driver.pass_label(r['pass']):<8}{r['channels']:>3}{size:>8}"
+            f"{r['batch']:>4} {driver.measurement_cells(r, '.4f')}"
+            f"{driver.fmt_ratio(r['t_over_eager']):>8}  {r['status']}")
     return "\n".join(lines)
 
 
@@ -646,7 +632,7 @@ def notes_for(device: torch.device, hbm: dict | None, rows: list[dict]) -> list[
                      "up to the flush's duration is hidden); mem = allocator peak above what was allocated before "
                      "the call. The full preset times fwd+bwd at batch 16, 256² only.")
         if hbm is not None:
-            notes.append(harness.hbm_note(hbm))
+            notes.append(driver.hbm_note(hbm))
     else:
         notes.append("CPU run at reduced sizes (CS 66×66 = 2×2 blocks, CASSI and SR 64×64) with host-clock "
                      "timings; the fused providers need CUDA (skipped); float32 is IEEE; mem = bytes autograd saves "
@@ -656,47 +642,28 @@ def notes_for(device: torch.device, hbm: dict | None, rows: list[dict]) -> list[
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one shape (GPU: batch 16, 256²; CPU: batch 1)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--out", default=None, help="folder for results.json and report.md (default: print only)")
+    driver.add_common_options(parser, quick_help="one shape (GPU: batch 16, 256²; CPU: batch 1)", dtypes=DTYPES,
+                              providers=PROVIDERS)
     parser.add_argument("--ops", nargs="+", choices=OPS, default=None, help="which steps (default: all)")
-    parser.add_argument("--hw", type=int, nargs="+", default=None, help="override image sides (all ops)")
-    parser.add_argument("--batch", type=int, nargs="+", default=None, help="override batch sizes")
-    parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=None, help="override dtypes")
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None)
     parser.add_argument("--passes", nargs="+", choices=PASSES, default=None,
                         help="time these passes at every shape (default: the preset's)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
-    parser.add_argument("--rep-ms", type=float, default=None, help="timed milliseconds per provider per round")
     args = parser.parse_args(argv)
-    if args.out:
-        harness.check_report_folder(parser, args.out)
-    harness.require_positive(parser, args, ("hw", "batch"))
+    driver.check_common_options(parser, args)
     if args.hw is not None and any(v % SR_SCALE for v in args.hw):
         parser.error(f"--hw: SR needs sides that are multiples of its scale {SR_SCALE}, got {args.hw}")
     if args.hw is not None and (args.ops is None or "cs" in args.ops) and any(v < CS_BLOCK for v in args.hw):
         parser.error(f"--hw: CS needs sides ≥ one {CS_BLOCK}×{CS_BLOCK} block, got {args.hw}")
-    if args.rounds is not None and args.rounds < 1:
-        parser.error(f"--rounds: expected ≥ 1, got {args.rounds}")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    info = harness.machine_info(device)
-    rows = run(device, args.quick, ops=args.ops, hw=args.hw, batches=args.batch, dtypes=args.dtypes,
-               rounds=args.rounds, rep_ms=args.rep_ms, providers=args.providers, passes=args.passes, verbose=True)
-    hbm = harness.hbm_bandwidth(device) if device.type == "cuda" else None  # cached: measured once in run()
-    if device.type == "cuda":
-        with harness.tf32_mode(True):
-            info["benchmark_tf32_settings"] = harness.tf32_settings()  # what the float32 rows ran with
-    notes = notes_for(device, hbm, rows)
-    table = format_table(rows)
-    if args.out:
-        harness.write_report_folder(args.out, "one gradient-descent step (CS, CASSI, SR)", info=info, hbm=hbm,
-                                    quick=args.quick, notes=notes, rows=rows, table=table)
-    return harness.print_report("gd_step", device, info, notes, table, rows, args.out)
+    return driver.run_main(
+        args, name="gd_step", title="one gradient-descent step (CS, CASSI, SR, bicubic SR)",
+        format_table=format_table, notes=notes_for,
+        run=lambda device: run(device, args.quick, ops=args.ops, hw=args.hw, batches=args.batch,
+                               dtypes=args.dtypes, rounds=args.rounds, rep_ms=args.rep_ms,
+                               providers=args.providers, passes=args.passes, verbose=True))
 
 
 if __name__ == "__main__":

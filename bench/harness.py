@@ -16,11 +16,10 @@ Public functions:
 - ``peak_flops(device, dtype)``: datasheet dense FLOP/s of the GPU at a precision.
 - ``gpu_spec(name)``: the datasheet table entry for a GPU name (or None).
 
-Shared by the single-layer benchmarks (``lora_conv.py``, ``gd_step.py``), whose rows have the same measurement
-columns: ``pick``, ``require_positive``, ``check_known``, ``error_status``, ``rel_err``, ``numerics_summary``,
-``apply_numerics``, ``measure_providers`` / ``fill_roofline``, ``fill_ratios``, ``fmt_or_dash``, ``fmt_ratio``,
-``pass_label``, ``MEASUREMENT_HEADER`` / ``measurement_cells``, ``hbm_note``, ``write_report_folder`` and
-``print_report``.
+- ``measure_providers(rows, fns, device, ...)`` / ``fill_roofline``: time a set of providers of one shape and pass and
+  fill their rows' timing and roofline columns; ``rel_err(out, ref)``: the relative error a row records.
+
+The single-kernel benchmarks' rows, numerics gate, tables, report folders and command line are ``driver.py``'s.
 """
 from __future__ import annotations
 
@@ -42,15 +41,12 @@ from typing import Callable, Mapping
 
 import torch
 
-from lorun_fast.testing import bench_tolerance
 
 REPO = Path(__file__).resolve().parents[1]
 
 __all__ = ["REPO", "git_commit", "machine_info", "tf32_settings", "tf32_mode", "quantiles", "summarize", "time_fn",
            "interleaved", "saved_activation_bytes", "peak_memory", "gpu_spec", "hbm_bandwidth", "peak_flops",
-           "precision_key", "pick", "require_positive", "check_known", "error_status", "rel_err", "numerics_summary",
-           "apply_numerics", "fill_roofline", "measure_providers", "fill_ratios", "fmt_or_dash", "fmt_ratio",
-           "pass_label", "MEASUREMENT_HEADER", "measurement_cells", "hbm_note", "write_report_folder", "print_report"]
+           "precision_key", "rel_err", "fill_roofline", "measure_providers"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -491,62 +487,14 @@ def hbm_bandwidth(device, nbytes: int = 2 ** 30) -> dict | None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Rows, tables and report folders of the single-layer benchmarks (lora_conv.py, gd_step.py)
+# Measuring a set of providers (the rows themselves, their tables and reports: driver.py)
 # --------------------------------------------------------------------------------------------------------------------
-
-def pick(value, default):
-    """``tuple(value)``, or ``default`` when ``value`` is None (an override of a preset's sizes)."""
-    return tuple(value) if value is not None else default
-
-
-def require_positive(parser, args, keys) -> None:
-    """``parser.error`` unless every value of each list option ``args.<key>`` (when given) is ≥ 1."""
-    for key in keys:
-        values = getattr(args, key)
-        if values is not None and any(v < 1 for v in values):
-            parser.error(f"--{key}: expected positive integers, got {values}")
-
-
-def check_known(label: str, values, known) -> None:
-    """Raise ValueError for the first of ``values`` that is not in ``known``."""
-    for value in values:
-        if value not in known:
-            raise ValueError(f"{label}: unknown {value!r}; expected some of {tuple(known)}")
-
-
-def error_status(exc: BaseException) -> str:
-    """A row's status for an exception: ``error: Type: first line of the message`` (at most 200 characters)."""
-    return f"error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
-
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in float64 (``ref`` is the float64 reference); inf for a NaN or infinite result."""
     ref = ref.detach()
     err = float((out.detach().double() - ref).norm() / ref.norm().clamp_min(1e-300))
     return err if math.isfinite(err) else math.inf
-
-
-def numerics_summary(forward_errors: dict[str, float], train_errors: dict[str, float]) -> dict[str, dict]:
-    """Per pass: ``{"errors": {tensor: rel err}, "max": largest}``."""
-    return {"forward": {"errors": forward_errors, "max": max(forward_errors.values())},
-            "forward+backward": {"errors": train_errors, "max": max(train_errors.values())}}
-
-
-def apply_numerics(rows: Mapping[tuple[str, str], dict], name: str, passes, checked: dict[str, dict],
-                   base_tol: float, baseline: str | None = None) -> bool:
-    """Record rel_err, rel_errs and tol in the rows ``rows[(name, pass)]``; a row over its tolerance (or NaN) gets
-    status ``failed numerics: ...``. With a ``baseline`` provider whose row of the same pass has a rel_err, the
-    tolerance is at least twice that error (docs/design.md, §7.3). Returns whether any pass is still "ok" (to be timed)."""
-    for pass_ in passes:
-        row = rows[(name, pass_)]
-        base_row = rows.get((baseline, pass_)) if baseline is not None else None
-        base_err = base_row["rel_err"] if base_row is not None else None
-        tol = bench_tolerance(base_tol, base_err)
-        err = checked[pass_]["max"]
-        row.update(rel_err=err, rel_errs=checked[pass_]["errors"], tol=tol)
-        if not err <= tol:
-            row["status"] = f"failed numerics: rel err {err:.2e} > tol {tol:.0e}"
-    return any(rows[(name, p)]["status"] == "ok" for p in passes)
 
 
 def fill_roofline(row: dict, timing: dict, *, hbm: dict | None, spec: dict | None, peak: float | None) -> None:
@@ -581,108 +529,3 @@ def measure_providers(rows: Mapping[str, dict], fns: Mapping[str, Callable], dev
     timings = interleaved(fns, rounds, device=device, warmup_ms=warmup_ms, rep_ms=rep_ms)
     for name, timing in timings.items():
         fill_roofline(rows[name], timing, hbm=hbm, spec=spec, peak=peak)
-
-
-def fill_ratios(rows: Mapping[str, dict], ratios: Mapping[str, str]) -> None:
-    """For every timed row of one pass and shape (``rows``: provider → row): ``row[key]`` = its p50 over the p50 of
-    provider ``ratios[key]``, where that provider was timed."""
-    for row in rows.values():
-        if row["p50_ms"] is None:
-            continue
-        for key, other in ratios.items():
-            ref_row = rows.get(other)
-            if ref_row is not None and ref_row["p50_ms"]:
-                row[key] = row["p50_ms"] / ref_row["p50_ms"]
-
-
-def fmt_or_dash(value, fmt: str, missing: str = "-") -> str:
-    return missing if value is None else format(value, fmt)
-
-
-def fmt_ratio(value) -> str:
-    return "-" if value is None else (f"{value:.2f}" if value < 100 else f"{value:.0f}")
-
-
-def pass_label(pass_: str) -> str:
-    return "fwd" if pass_ == "forward" else "fwd+bwd"
-
-
-MEASUREMENT_HEADER = (f"{'prec':<5}{'rel err':>8}  {'p50 [p20, p80] ms':<26}{'GB/s':>8}{'%HBM':>5}{'TFLOP/s':>8}"
-                      f"{'%floor':>7}{'mem MiB':>8}")
-
-
-def measurement_cells(row: dict, time_fmt: str) -> str:
-    """The columns under ``MEASUREMENT_HEADER`` for one row; times p50 [p20, p80] in ms, formatted with
-    ``time_fmt``."""
-    t = time_fmt
-    times = "-" if row["p50_ms"] is None else f"{row['p50_ms']:{t}} [{row['p20_ms']:{t}}, {row['p80_ms']:{t}}]"
-    hbm = row["frac_hbm_measured"]
-    floor = row["frac_floor"]
-    mem = None if row["peak_mem_bytes"] is None else row["peak_mem_bytes"] / 2 ** 20
-    return (f"{row['precision']:<5}{fmt_or_dash(row['rel_err'], '.1e'):>8}  {times:<26}"
-            f"{fmt_or_dash(row['gbps'], '.2f'):>8}{fmt_or_dash(None if hbm is None else 100 * hbm, '.0f'):>5}"
-            f"{fmt_or_dash(row['tflops'], '.3f'):>8}{fmt_or_dash(None if floor is None else 100 * floor, '.0f'):>7}"
-            f"{fmt_or_dash(mem, '.2f'):>8}")
-
-
-def hbm_note(hbm: dict) -> str:
-    """A report note on the bandwidth ceiling (``hbm_bandwidth``'s result)."""
-    datasheet = None if hbm["datasheet_Bps"] is None else hbm["datasheet_Bps"] / 1e12
-    return (f"HBM: measured copy {hbm['measured_Bps'] / 1e12:.2f} TB/s, datasheet {fmt_or_dash(datasheet, '.2f')} "
-            f"TB/s ({hbm['gpu']}).")
-
-
-REPORT_FILES = ("results.json", "report.md")
-
-
-def _is_earlier_report(out: Path, marker: str) -> bool:
-    """Whether ``out`` holds an earlier benchmark report of this kind: its results.json parses and has ``marker``."""
-    try:
-        earlier = json.loads((Path(out) / "results.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(earlier, dict) and marker in earlier
-
-
-def check_report_folder(parser, out, planned=REPORT_FILES, marker: str = "rows") -> Path:
-    """Before the benchmark runs: ``out`` is writable and holds no file of the user's where the report will go
-    (an earlier report of this kind, recognised by ``marker`` in its results.json, may be replaced); otherwise a
-    usage error from ``parser``."""
-    from lorun_fast.io import check_output_folder
-
-    replaceable = set(planned) if _is_earlier_report(out, marker) else set()
-    try:
-        return check_output_folder(out, planned, replaceable, "--out")
-    except OSError as err:
-        parser.error(str(err))
-
-
-def write_report_folder(out, title: str, *, info: dict, hbm: dict | None, quick: bool, notes: list[str],
-                        rows: list[dict], table: str) -> None:
-    """``out/results.json`` (machine, hbm, quick, notes, rows) and ``out/report.md`` (``# lorun_fast — title``, the
-    machine, the notes and the table)."""
-    from lorun_fast.io import atomic_write_text
-    out = Path(out)
-    report = {"machine": info, "hbm": hbm, "quick": quick, "notes": notes, "rows": rows}
-    atomic_write_text(out / "results.json", json.dumps(report, indent=2))
-    atomic_write_text(out / "report.md", "\n".join([
-        f"# lorun_fast — {title}", "", f"Machine: {json.dumps(info)}", "",
-        *[f"- {n}" for n in notes], "", "```", table, "```", ""]))
-
-
-def print_report(name: str, device, info: dict, notes: list[str], table: str, rows: list[dict],
-                 out=None) -> int:
-    """Print the machine line, the notes and the table; returns the exit status: 1 when a row failed numerics or
-    raised (said on stderr), else 0."""
-    print(f"lorun_fast {name}: device {device} ({info.get('gpu') or info['cpu']}), torch {info['torch']}, "
-          f"triton {info['triton']}, commit {info['git_commit']}")
-    for n in notes:
-        print(f"note: {n}")
-    print(table)
-    bad = [r for r in rows if r["status"].startswith(("failed", "error"))]
-    if out:
-        print(f"results written to {out}/results.json and report.md")
-    if bad:
-        print(f"{len(bad)} row(s) failed numerics or raised: see status", file=sys.stderr)
-        return 1
-    return 0

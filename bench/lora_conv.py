@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import driver
 import harness
 from lorun_fast.testing import BENCH_TOLERANCE
 from lorun_fast.reference import LoRAConv2d, lora_rank, merged_conv
@@ -262,7 +263,7 @@ def check_numerics(provider: Provider, prob: Problem, ref: dict[str, torch.Tenso
     grads = torch.autograd.grad(y, (xg, *provider.params), prob.dy)
     train_errors = {"y": harness.rel_err(y, ref["y"])}
     train_errors.update({name: harness.rel_err(g, ref[name]) for name, g in zip(provider.grad_names, grads)})
-    return harness.numerics_summary(forward_errors, train_errors)
+    return driver.numerics_summary(forward_errors, train_errors)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -285,12 +286,12 @@ def run(device, quick: bool, *, channels: Sequence[int] | None = None, hw: Seque
     device = torch.device(device)
     cuda = device.type == "cuda"
     preset = (GPU_QUICK if quick else GPU_FULL) if cuda else (CPU_QUICK if quick else CPU_FULL)
-    sizes = Sizes(harness.pick(channels, preset.channels), harness.pick(hw, preset.hw),
-                  harness.pick(batches, preset.batches), harness.pick(dtypes, preset.dtypes), rounds or preset.rounds,
+    sizes = Sizes(driver.pick(channels, preset.channels), driver.pick(hw, preset.hw),
+                  driver.pick(batches, preset.batches), driver.pick(dtypes, preset.dtypes), rounds or preset.rounds,
                   preset.warmup_ms if warmup_ms is None else warmup_ms, preset.rep_ms if rep_ms is None else rep_ms)
     names = tuple(providers) if providers is not None else PROVIDERS
-    harness.check_known("providers", names, PROVIDERS)
-    harness.check_known("dtypes", sizes.dtypes, DTYPES)
+    driver.check_known("providers", names, PROVIDERS)
+    driver.check_known("dtypes", sizes.dtypes, DTYPES)
 
     gpu = torch.cuda.get_device_name(device) if cuda else None
     hbm = harness.hbm_bandwidth(device) if cuda else None
@@ -313,7 +314,7 @@ def run(device, quick: bool, *, channels: Sequence[int] | None = None, hw: Seque
 
 def _error_rows(device, gpu, names, c, side, nb, dtype_name, exc) -> list[dict]:
     """Rows for a shape that could not be set up at all (the message says why)."""
-    message = harness.error_status(exc)
+    message = driver.error_status(exc)
     rank = lora_rank(c, c, GAMMA)
     precision = harness.precision_key(dtype_name, tf32=device.type == "cuda")
     keys = ("rel_err", "rel_errs", "tol", "p50_ms", "p20_ms", "p80_ms", "n", "round_spread", "bytes_min", "flops",
@@ -357,42 +358,26 @@ def _run_shape(device, gpu, hbm, names, c, side, nb, dtype_name, sizes: Sizes, v
                 "peak_mem_bytes": None, "peak_mem_measure": None, "device_used_bytes": None,
                 "t_over_conv": None, "t_over_unfused": None, "t_over_merged": None}
 
-    def set_status(name, status):
-        for pass_ in PASSES:
-            rows[(name, pass_)]["status"] = status
-
-    # Build providers, check numerics (this also compiles and autotunes the Triton kernels before any timing).
     refs: dict[bool, dict] = {}
-    providers: dict[str, Provider] = {}
-    for name in names:
-        if name in CUDA_ONLY and not cuda:
-            set_status(name, "skipped: needs CUDA")
-            continue
-        try:
-            provider = make_provider(name, prob, device, precision)
-            lora = name != "conv"
-            if lora not in refs:
-                refs[lora] = reference(prob, lora)
-            checked = check_numerics(provider, prob, refs[lora])
-        except Exception as exc:  # noqa: BLE001 - one broken provider must not stop the others
-            set_status(name, harness.error_status(exc))
-            continue
-        # the fused rows may also be off by up to 2× merged-cudnn's error (docs/design.md, §7.3).
-        baseline = "merged-cudnn" if name.startswith("fused-triton") else None
-        if harness.apply_numerics(rows, name, PASSES, checked, BENCH_TOLERANCE[precision], baseline):
-            providers[name] = provider  # time only the passes that passed
-    refs.clear()
 
-    # Memory (outside the timed region), then interleaved timing per pass.
-    for pass_ in PASSES:
-        fns = {name: forward_fn(provider, prob.x) if pass_ == "forward" else training_fn(provider, prob.x, prob.dy)
-               for name, provider in providers.items() if rows[(name, pass_)]["status"] == "ok"}
-        pass_rows = {name: rows[(name, pass_)] for name in names}
-        harness.measure_providers(pass_rows, fns, device, rounds=sizes.rounds, warmup_ms=sizes.warmup_ms,
-                                  rep_ms=sizes.rep_ms, hbm=hbm, spec=spec, peak=peak)
-        harness.fill_ratios(pass_rows, {"t_over_conv": "conv", "t_over_unfused": "peft-unfused",
-                                        "t_over_merged": "merged-cudnn"})
-    del prob, providers
+    def build(name):
+        provider = make_provider(name, prob, device, precision)
+        lora = name != "conv"
+        if lora not in refs:
+            refs[lora] = reference(prob, lora)
+        return provider, check_numerics(provider, prob, refs[lora])
+
+    def fn_for(provider, pass_):
+        return forward_fn(provider, prob.x) if pass_ == "forward" else training_fn(provider, prob.x, prob.dy)
+
+    # The fused rows may also be off by up to 2× merged-cudnn's error (docs/design.md, §7.3).
+    driver.gate_and_measure(
+        rows, names, PASSES, device=device, cuda_only=CUDA_ONLY, build=build,
+        baseline_of=lambda name: "merged-cudnn" if name.startswith("fused-triton") else None,
+        tolerance=BENCH_TOLERANCE[precision], fn_for=fn_for, sizes=sizes, hbm=hbm, spec=spec, peak=peak,
+        ratios={"t_over_conv": "conv", "t_over_unfused": "peft-unfused", "t_over_merged": "merged-cudnn"})
+    refs.clear()
+    del prob
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return [rows[(name, pass_)] for pass_ in PASSES for name in names]
@@ -404,15 +389,15 @@ def _run_shape(device, gpu, hbm, names, c, side, nb, dtype_name, sizes: Sizes, v
 
 def format_table(rows: list[dict]) -> str:
     """A fixed-width table: one line per row; times p50 [p20, p80] ms; t/x = this p50 over provider x's p50."""
-    ratio = harness.fmt_ratio
-    head = (f"{'provider':<13}{'pass':<8}{'C':>3}{'r':>3}{'HxW':>8}{'N':>4} {harness.MEASUREMENT_HEADER}"
+    ratio = driver.fmt_ratio
+    head = (f"{'provider':<13}{'pass':<8}{'C':>3}{'r':>3}{'HxW':>8}{'N':>4} {driver.MEASUREMENT_HEADER}"
             f"{'t/conv':>7}{'t/unf':>7}{'t/mrg':>7}  status")
     lines = [head, "-" * len(head)]
     for r in rows:
         size = f"{r['height']}x{r['width']}"
         lines.append(
-            f"{r['provider']:<13}{harness.pass_label(r['pass']):<8}{r['channels']:>3}{r['rank']:>3}{size:>8}"
-            f"{r['batch']:>4} {harness.measurement_cells(r, '.3f')}"
+            f"{r['provider']:<13}{driver.pass_label(r['pass']):<8}{r['channels']:>3}{r['rank']:>3}{size:>8}"
+            f"{r['batch']:>4} {driver.measurement_cells(r, '.3f')}"
             f"{ratio(r['t_over_conv']):>7}{ratio(r['t_over_unfused']):>7}{ratio(r['t_over_merged']):>7}"
             f"  {r['status']}")
     return "\n".join(lines)
@@ -429,7 +414,7 @@ def notes_for(device: torch.device, hbm: dict | None) -> list[str]:
                      "CUDA events via triton.testing.do_bench (L2 flushed before each call); mem = allocator peak "
                      "above what was allocated before the call.")
         if hbm is not None:
-            notes.append(harness.hbm_note(hbm))
+            notes.append(driver.hbm_note(hbm))
     else:
         notes.append("CPU run at reduced sizes with host-clock timings; 'merged-cudnn' is merge + F.conv2d on the "
                      "CPU (not cuDNN); fused-triton(-v1) need CUDA (skipped); float32 is IEEE; mem = bytes autograd "
@@ -439,41 +424,22 @@ def notes_for(device: torch.device, hbm: dict | None) -> list[str]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one shape (GPU: C=32, 256², batch 16; CPU: C=16, 64²)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--out", default=None, help="folder for results.json and report.md (default: print only)")
+    driver.add_common_options(parser, quick_help="one shape (GPU: C=32, 256², batch 16; CPU: C=16, 64²)",
+                              dtypes=DTYPES, providers=PROVIDERS)
     parser.add_argument("--channels", type=int, nargs="+", default=None, help="override C values")
-    parser.add_argument("--hw", type=int, nargs="+", default=None, help="override image sides")
-    parser.add_argument("--batch", type=int, nargs="+", default=None, help="override batch sizes")
-    parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=None, help="override dtypes")
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None)
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
-    parser.add_argument("--rep-ms", type=float, default=None, help="timed milliseconds per provider per round")
     args = parser.parse_args(argv)
-    if args.out:
-        harness.check_report_folder(parser, args.out)
-    harness.require_positive(parser, args, ("channels", "hw", "batch"))
-    if args.rounds is not None and args.rounds < 1:
-        parser.error(f"--rounds: expected ≥ 1, got {args.rounds}")
+    driver.check_common_options(parser, args, ("channels", "hw", "batch"))
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    info = harness.machine_info(device)
-    rows = run(device, args.quick, channels=args.channels, hw=args.hw, batches=args.batch, dtypes=args.dtypes,
-               rounds=args.rounds, rep_ms=args.rep_ms, providers=args.providers, verbose=True)
-    hbm = harness.hbm_bandwidth(device) if device.type == "cuda" else None  # cached: measured once in run()
-    if device.type == "cuda":
-        with harness.tf32_mode(True):
-            info["benchmark_tf32_settings"] = harness.tf32_settings()  # what the float32 rows ran with
-    notes = notes_for(device, hbm)
-    table = format_table(rows)
-    if args.out:
-        harness.write_report_folder(args.out, "single LoRA conv layer", info=info, hbm=hbm, quick=args.quick,
-                                    notes=notes, rows=rows, table=table)
-    return harness.print_report("lora_conv", device, info, notes, table, rows, args.out)
+    return driver.run_main(
+        args, name="lora_conv", title="single LoRA conv layer", format_table=format_table,
+        run=lambda device: run(device, args.quick, channels=args.channels, hw=args.hw, batches=args.batch,
+                               dtypes=args.dtypes, rounds=args.rounds, rep_ms=args.rep_ms,
+                               providers=args.providers, verbose=True),
+        notes=lambda device, hbm, rows: notes_for(device, hbm))
 
 
 if __name__ == "__main__":

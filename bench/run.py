@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+import driver
 import harness
 import report
 from lorun_fast.io import data_root
@@ -262,7 +263,7 @@ def parse_args(argv=None):
                              "against other processes made reduced runs 100× slower)")
     parser.add_argument("--out", default=str(REPO / "bench" / "out"), help="folder for results.json, report.md, plots")
     args = parser.parse_args(argv)
-    harness.check_report_folder(parser, args.out, report.REPORT_FILES, marker="schema_version")
+    driver.check_report_folder(parser, args.out, report.REPORT_FILES, marker="schema_version")
     if args.stages < 1:
         parser.error(f"--stages: expected a positive number of stages, got {args.stages}")
     if args.threads < 1:
