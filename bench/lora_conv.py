@@ -390,13 +390,13 @@ def _run_shape(device, gpu, hbm, names, c, side, nb, dtype_name, sizes: Sizes, v
 def format_table(rows: list[dict]) -> str:
     """A fixed-width table: one line per row; times p50 [p20, p80] ms; t/x = this p50 over provider x's p50."""
     ratio = driver.fmt_ratio
-    head = (f"{'provider':<13}{'pass':<8}{'C':>3}{'r':>3}{'HxW':>8}{'N':>4} {driver.MEASUREMENT_HEADER}"
+    head = (f"{'provider':<17}{'pass':<8}{'C':>3}{'r':>3}{'HxW':>8}{'N':>4} {driver.MEASUREMENT_HEADER}"
             f"{'t/conv':>7}{'t/unf':>7}{'t/mrg':>7}  status")
     lines = [head, "-" * len(head)]
     for r in rows:
         size = f"{r['height']}x{r['width']}"
         lines.append(
-            f"{r['provider']:<13}{driver.pass_label(r['pass']):<8}{r['channels']:>3}{r['rank']:>3}{size:>8}"
+            f"{r['provider']:<17}{driver.pass_label(r['pass']):<8}{r['channels']:>3}{r['rank']:>3}{size:>8}"
             f"{r['batch']:>4} {driver.measurement_cells(r, '.3f')}"
             f"{ratio(r['t_over_conv']):>7}{ratio(r['t_over_unfused']):>7}{ratio(r['t_over_merged']):>7}"
             f"  {r['status']}")
