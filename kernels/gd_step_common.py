@@ -20,7 +20,6 @@ import math
 
 import torch
 import triton
-import triton.language as tl
 
 from lorun_fast.kernels.settings import check_runnable, full_tuning, interpreting
 
@@ -87,20 +86,6 @@ def _prune_rows(width_arg):
         kept = [c for c in configs if c.kwargs["BLOCK_W"] <= wmax]
         return kept or configs[:1]
     return prune
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Shared kernel code
-# --------------------------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # The interpreter multiplies bfloat16 operands as their raw uint16 bits; upcasting first is exact (a product of
-    # two bf16 values fits in fp32), so it is the same math as a bf16 MMA with fp32 accumulation.
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
 
 
 # --------------------------------------------------------------------------------------------------------------------

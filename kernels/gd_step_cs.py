@@ -32,8 +32,9 @@ import triton.language as tl
 
 from lorun_fast.kernels.gd_step_common import (_INTERPRET, _args, _as_rho, _backward_fakes, _check_device,
                                                _check_fixed, _check_int, _check_runnable, _check_tensor, _check_x,
-                                               _check_y, _empty, _finish_backward, _mark_residual, _mma, _nothing,
+                                               _check_y, _empty, _finish_backward, _mark_residual, _nothing,
                                                _tuning)
+from lorun_fast.kernels.mma import _mma
 from lorun_fast.kernels.settings import INPUT_PRECISIONS, device_limits, dot_precision
 
 __all__ = ["gd_step_cs", "GDStepCSFunction", "cs_forward", "cs_backward", "resolve_cs_algorithm", "clear_cache",

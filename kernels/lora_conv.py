@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lorun_fast.kernels.mma import _mma
 from lorun_fast.kernels.settings import (INPUT_PRECISIONS, check_runnable, conv_kernel, device_limits,
                                          dot_precision, full_tuning, interpreting)
 
@@ -240,14 +241,6 @@ def _prune_dw(configs, named_args, **kwargs):
 # Kernels
 # --------------------------------------------------------------------------------------------------------------------
 
-@triton.jit
-def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # The interpreter multiplies bfloat16 operands as their raw uint16 bits; upcasting first is exact (a product of
-    # two bf16 values fits in fp32), so it is the same math as a bf16 MMA with fp32 accumulation.
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
 
 
 @triton.jit
