@@ -6,15 +6,23 @@ The merged weight is ``W_k = W + s·B·A`` (``A`` flattened to ``r × Ci·kh·kw
     pre = conv(x, W_k) + bias                       (stride 1, 'same' padding: 1 for 3×3, 0 for 1×1)
     y   = out_scale · act(pre) + residual           (act = ReLU or identity; this order, exactly)
 
-Forward: one implicit-GEMM convolution (GEMM view: M = N·H·W output pixels, N = Co, K = taps·Ci). The taps are
-unrolled at compile time; within a tap the kernel walks Ci in BLOCK_K chunks, and for each chunk it forms the
-*merged* weight tile in registers, ``W tile + s·(A tile @ B tile)``, so no merged weight and no rank-r activation
-ever reaches memory. Bias, ReLU, out_scale and the residual add are fused into the epilogue.
+Two designs (``settings.conv_kernel()``: ``LORUN_FAST_CONV_KERNEL`` or ``use_conv_kernel``; v2 by default); both are
+implicit-GEMM convolutions (GEMM view: M = N·H·W output pixels, N = Co, K = taps·Ci) with bias, ReLU, out_scale and
+the residual add fused into the epilogue (``_epilogue``), and nothing of rank r ever reaches memory.
 
-Backward (nothing of rank r is saved; see ``FusedLoRAConv2dFunction`` for the formulas):
-``dx`` reuses the forward kernel with the flipped, channel-swapped merged weight (merged in torch: 2·r·Co·Ci·taps
-FLOPs), ``dW_eff = Σ_pixels dY_pre ⊗ im2col(x)`` is a second kernel that writes per-chunk partial sums which a
-fixed-order torch sum reduces (deterministic: no atomics), and ``dA``, ``dB`` are tiny torch matmuls on ``dW_eff``.
+- **v2** (``_conv_fwd_halo_kernel``, ``_conv_dw_taps_kernel``): ``W_k`` is merged once per launch in torch (fp32,
+  rounded once; 2·r·Co·Ci·taps FLOPs). A program owns a BH × BW block of output pixels and, per BLOCK_K chunk of
+  input channels, loads the haloed input block once and forms the nine tap operands on chip (``tl.gather``). The
+  backward forms ``dpre = out_scale·G·[mask]`` inside the dx pass (the same kernel on G with the flipped,
+  channel-swapped ``W_k``) and inside the dW kernel, which reduces all taps of a pixel step in one GEMM
+  (N = tap slots × channels) and also sums ``dbias``.
+- **v1** (``_lora_conv_fwd_kernel``, ``_conv_dw_kernel``): the taps are unrolled; within a tap the kernel walks Ci
+  in BLOCK_K chunks and forms the *merged* weight tile in registers, ``W tile + s·(A tile @ B tile)``, loading a
+  shifted x tile per tap. Backward: ``dpre`` formed by torch, dx with the forward kernel on the merged weight, and
+  a dW kernel with one tap per program.
+
+In both, ``dW_eff = Σ_pixels dY_pre ⊗ im2col(x)`` is written as per-chunk partial sums that a fixed-order torch sum
+reduces (deterministic: no atomics), and ``dA``, ``dB`` are tiny torch matmuls on ``dW_eff``.
 
 Running without a GPU: set ``TRITON_INTERPRET=1`` in the environment before this module is imported (the
 ``@triton.jit`` decorators read it at decoration time); the kernels then run in Triton's interpreter on CPU tensors,
@@ -22,6 +30,10 @@ with one fixed tile configuration instead of autotuning. The kernels call only T
 ``tl.zeros``/``tl.cdiv``): those two are ``@triton.jit`` helpers in recent Triton, decorated when ``triton.language``
 is imported, so they stay compiled-mode functions, and break an interpreted kernel, whenever triton was imported
 before the variable was set.
+
+Why one module of ~1,300 lines: it holds both designs of the convolution (v1 and v2, ``settings.conv_kernel``)
+with their launchers, the autograd Function and the custom ops, so that they share the epilogue, the checks and the
+op registration; v1 stays only until a GPU run has timed the two side by side, and leaves with ~350 lines.
 """
 from typing import Optional, Tuple
 

@@ -2,6 +2,11 @@
 
 Commands: ``train``, ``eval``, ``restore``, ``describe`` (``--help`` on each). Multi-process training:
 ``torchrun --nproc_per_node N -m lorun_fast train ...``.
+
+Why one module of ~1,300 lines: the four commands share the model-source options (checkpoint, adapters, task,
+method), the output-safety checks, the interrupt handling and the error reporting, and most of a command is
+argument checking in terms of its own options; split per command, those shared pieces would be imported back by
+every part. Each command is one section (``# eval``, ``# restore``, ``# describe``, ``# train``, then the parser).
 """
 from __future__ import annotations
 

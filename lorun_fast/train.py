@@ -31,6 +31,9 @@ A run folder holds::
     adapters-<name>.safetensors       lorun: the trained adapter set
     model.safetensors                 the final model in one file
     summary.json                      steps, training time, parameter counts, last validation
+
+Why one module of ~800 lines: the trainer's phases, checkpoints, resume and validation are kept together because
+bit-exact resume depends on all of them at once (RNG state, optimizer state, phase boundaries and the log).
 """
 from __future__ import annotations
 

@@ -18,6 +18,10 @@ The pieces a ``--task cassi`` pipeline needs, as plain functions over numpy cube
 Conventions: cubes are numpy (H, W, B) with values in [0, 1]; the operator works on torch (N, B, H, W) and
 measures y of shape (N, H, W + step·(B − 1)) with ``y = Σ_λ shift_λ(mask ⊙ x_λ)``, dispersion step 2 and
 28 bands, as the mask's authors simulate it. Every error names the file or argument it is about.
+
+Why one module of ~900 lines: it is the whole CASSI task — cube and mask readers, the training sampler, the
+per-band scores, the GAP-TV baseline, previews and the task plug-in — as ``tasks/cs.py`` and ``tasks/sr.py`` are
+for theirs; each part is small and used by the others.
 """
 from __future__ import annotations
 
