@@ -3,9 +3,10 @@
 It is the reference :class:`~lorun_fast.reference.LoRAConv2d` (same parameters, names and init, so state dicts
 move between the two unchanged) with three ways to compute a stage:
 
-- ``triton``: the fused Triton kernel (``lorun_fast.kernels.lora_conv``): the merged weight ``W + s·B_k A_k`` is
-  formed tile by tile in the kernel's prologue, bias / ReLU / scale / residual in its epilogue, and the backward
-  saves nothing of rank r. Covers 3×3 (padding 1) and 1×1 (padding 0) stride-1 convolutions on CUDA;
+- ``triton``: the fused Triton kernel (``lorun_fast.kernels.lora_conv``): the merged weight ``W + s·B_k A_k``
+  formed once per launch (v2; tile by tile in the kernel with ``LORUN_FAST_CONV_KERNEL=v1``), each x tile read once,
+  bias / ReLU / scale / residual in its epilogue, and a backward that saves nothing of rank r. Covers 3×3
+  (padding 1) and 1×1 (padding 0) stride-1 convolutions on CUDA;
 - ``merged``: merge the weight with torch, then one ``F.conv2d`` (cuDNN on a GPU): the CPU default and the path
   for layers the kernel does not cover (the 2×2 stride-2 down and transposed up convolutions of a ResUNet);
 - ``reference``: peft's unfused three-convolution form.
