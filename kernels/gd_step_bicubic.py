@@ -41,7 +41,8 @@ import triton.language as tl
 
 from lorun_fast.kernels.gd_step_common import (_SR_CONFIGS, _as_rho, _backward_fakes, _check_device,
                                                _check_runnable, _check_x, _check_y, _empty, _finish_backward,
-                                               _forward_fakes, _mark_residual, _nothing, _prune_rows)
+                                               _forward_fakes, _lr_rows, _mark_residual, _nothing, _prune_rows,
+                                               _store_residual)
 from lorun_fast.reference.bicubic import SUPPORTED_SCALES, _matrix_numpy
 
 __all__ = ["gd_step_bicubic", "GDStepBicubicFunction", "bicubic_forward", "bicubic_backward", "bicubic_tables",
@@ -83,14 +84,7 @@ def _bicubic_residual_kernel(
         HAS_Y, PARTIAL: switches.
         BLOCK_H: LR rows per program; BLOCK_W: LR pixels per chunk.
     """
-    pid = tl.program_id(0)
-    tiles_h = (HL + BLOCK_H - 1) // BLOCK_H
-    nc = pid // tiles_h
-    i = (pid % tiles_h) * BLOCK_H + tl.arange(0, BLOCK_H)
-    i_ok = i < HL
-    x_img = (nc // C).to(tl.int64) * sx_n + (nc % C).to(tl.int64) * sx_c
-    y_img = (nc // C).to(tl.int64) * sy_n + (nc % C).to(tl.int64) * sy_c
-    r_rows = (nc.to(tl.int64) * HL + i) * WL
+    nc, i, i_ok, x_img, y_img, r_rows = _lr_rows(C, HL, WL, sx_n, sx_c, sy_n, sy_c, BLOCK_H)
     offs = tl.arange(0, BLOCK_W)
     part = tl.full((BLOCK_H, BLOCK_W), 0.0, tl.float32)
     for j0 in range(0, WL, BLOCK_W):
@@ -108,12 +102,7 @@ def _bicubic_residual_kernel(
                 xv = tl.load(x_ptr + x_img + src_h[:, None] + src_w[None, :], mask=ok, other=0.0)
                 row += ww[None, :] * xv.to(tl.float32)
             acc += wh[:, None] * row
-        if HAS_Y:
-            acc -= tl.load(y_ptr + y_img + i.to(tl.int64)[:, None] * sy_h + j.to(tl.int64)[None, :] * sy_w,
-                           mask=ok, other=0.0).to(tl.float32)
-        tl.store(r_ptr + r_rows[:, None] + j[None, :], acc, mask=ok)
-        if PARTIAL:
-            part += acc * tl.load(rs_ptr + r_rows[:, None] + j[None, :], mask=ok, other=0.0)
+        part = _store_residual(acc, part, i, j, ok, y_ptr, y_img, sy_h, sy_w, r_ptr, rs_ptr, r_rows, HAS_Y, PARTIAL)
     if PARTIAL:
         tl.store(part_ptr + nc.to(tl.int64) * HL + i, tl.sum(part, axis=1), mask=i_ok)
 

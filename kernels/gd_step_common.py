@@ -20,6 +20,7 @@ import math
 
 import torch
 import triton
+import triton.language as tl
 
 from lorun_fast.kernels.settings import check_runnable, full_tuning, interpreting
 
@@ -86,6 +87,38 @@ def _prune_rows(width_arg):
         kept = [c for c in configs if c.kwargs["BLOCK_W"] <= wmax]
         return kept or configs[:1]
     return prune
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Kernel code shared by the SR residual passes (Gaussian and bicubic)
+# --------------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _lr_rows(C, HL, WL, sx_n, sx_c, sy_n, sy_c, BLOCK_H: tl.constexpr):
+    """The plane and LR rows a residual program owns (grid: N·C·⌈HL / BLOCK_H⌉): ``(nc, i, i_ok, x_img, y_img,
+    r_rows)`` — plane index, row indices and mask, x's and y's plane offsets, and the rows' offsets in the
+    contiguous (N, C, HL, WL) residual."""
+    pid = tl.program_id(0)
+    tiles_h = (HL + BLOCK_H - 1) // BLOCK_H
+    nc = pid // tiles_h
+    i = (pid % tiles_h) * BLOCK_H + tl.arange(0, BLOCK_H)
+    x_img = (nc // C).to(tl.int64) * sx_n + (nc % C).to(tl.int64) * sx_c
+    y_img = (nc // C).to(tl.int64) * sy_n + (nc % C).to(tl.int64) * sy_c
+    return nc, i, i < HL, x_img, y_img, (nc.to(tl.int64) * HL + i) * WL
+
+
+@triton.jit
+def _store_residual(acc, part, i, j, ok, y_ptr, y_img, sy_h, sy_w, r_ptr, rs_ptr, r_rows,
+                    HAS_Y: tl.constexpr, PARTIAL: tl.constexpr):
+    """``r = acc − y`` stored for the chunk (rows ``i`` × columns ``j``); with ``PARTIAL`` returns ``part`` plus
+    ``r·r_saved`` (the dρ partial sums), else ``part`` unchanged."""
+    if HAS_Y:
+        acc -= tl.load(y_ptr + y_img + i.to(tl.int64)[:, None] * sy_h + j.to(tl.int64)[None, :] * sy_w,
+                       mask=ok, other=0.0).to(tl.float32)
+    tl.store(r_ptr + r_rows[:, None] + j[None, :], acc, mask=ok)
+    if PARTIAL:
+        part += acc * tl.load(rs_ptr + r_rows[:, None] + j[None, :], mask=ok, other=0.0)
+    return part
 
 
 # --------------------------------------------------------------------------------------------------------------------

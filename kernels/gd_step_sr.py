@@ -22,8 +22,8 @@ import triton.language as tl
 
 from lorun_fast.kernels.gd_step_common import (_SR_CONFIGS, _as_rho, _backward_fakes, _check_device, _check_fixed,
                                                _check_int, _check_runnable, _check_tensor, _check_x, _check_y, _empty,
-                                               _finish_backward, _forward_fakes, _nothing, _prune_rows, _save_step,
-                                               _step_backward)
+                                               _finish_backward, _forward_fakes, _lr_rows, _nothing, _prune_rows,
+                                               _save_step, _step_backward, _store_residual)
 
 __all__ = ["gd_step_sr", "GDStepSRFunction", "sr_forward", "sr_backward"]
 
@@ -63,14 +63,7 @@ def _sr_residual_kernel(
         HAS_Y, PARTIAL: switches.
         BLOCK_H: LR rows per program; BLOCK_W: LR pixels per chunk.
     """
-    pid = tl.program_id(0)
-    tiles_h = (HL + BLOCK_H - 1) // BLOCK_H
-    nc = pid // tiles_h
-    i = (pid % tiles_h) * BLOCK_H + tl.arange(0, BLOCK_H)
-    i_ok = i < HL
-    x_img = (nc // C).to(tl.int64) * sx_n + (nc % C).to(tl.int64) * sx_c
-    y_img = (nc // C).to(tl.int64) * sy_n + (nc % C).to(tl.int64) * sy_c
-    r_rows = (nc.to(tl.int64) * HL + i) * WL
+    nc, i, i_ok, x_img, y_img, r_rows = _lr_rows(C, HL, WL, sx_n, sx_c, sy_n, sy_c, BLOCK_H)
     offs = tl.arange(0, BLOCK_W)
     part = tl.full((BLOCK_H, BLOCK_W), 0.0, tl.float32)
     for j0 in range(0, WL, BLOCK_W):
@@ -85,12 +78,7 @@ def _sr_residual_kernel(
                 kv = tl.load(k_ptr + a * KW + b).to(tl.float32)
                 xv = tl.load(x_ptr + x_img + xr[:, None] + xc[None, :], mask=ok, other=0.0)
                 acc += kv * xv.to(tl.float32)
-        if HAS_Y:
-            acc -= tl.load(y_ptr + y_img + i.to(tl.int64)[:, None] * sy_h + j.to(tl.int64)[None, :] * sy_w,
-                           mask=ok, other=0.0).to(tl.float32)
-        tl.store(r_ptr + r_rows[:, None] + j[None, :], acc, mask=ok)
-        if PARTIAL:
-            part += acc * tl.load(rs_ptr + r_rows[:, None] + j[None, :], mask=ok, other=0.0)
+        part = _store_residual(acc, part, i, j, ok, y_ptr, y_img, sy_h, sy_w, r_ptr, rs_ptr, r_rows, HAS_Y, PARTIAL)
     if PARTIAL:
         tl.store(part_ptr + nc.to(tl.int64) * HL + i, tl.sum(part, axis=1), mask=i_ok)
 
