@@ -70,6 +70,18 @@ def psnr(x: np.ndarray, ref: np.ndarray, data_range: float = 255.0) -> float:
     return 20.0 * math.log10(data_range / math.sqrt(mse))
 
 
+def _ssim_inputs(x, ref, data_range, name: str, window: int):
+    """Both images as float64 2-D arrays of one shape, at least ``window`` on each side, and the data range."""
+    x, ref = _float64_pair(x, ref, name)
+    data_range = _check_data_range(data_range, name)
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected 2-D gray images of shape (H, W), got shape {x.shape}; "
+                         "compute it per channel or on the Y channel for colour images")
+    if min(x.shape) < window:
+        raise ValueError(f"{name}: images must be at least {window}x{window} (the SSIM window), got shape {x.shape}")
+    return x, ref, data_range
+
+
 def ssim(x: np.ndarray, ref: np.ndarray, data_range: float = 255.0) -> float:
     """Mean SSIM of two 2-D gray images, equal to skimage's ``structural_similarity(x, ref, data_range=...)``.
 
@@ -86,14 +98,7 @@ def ssim(x: np.ndarray, ref: np.ndarray, data_range: float = 255.0) -> float:
 
     The result is symmetric in ``x`` and ``ref``. Images smaller than 7×7 are rejected, like skimage does.
     """
-    x, ref = _float64_pair(x, ref, "ssim")
-    data_range = _check_data_range(data_range, "ssim")
-    if x.ndim != 2:
-        raise ValueError(f"ssim: expected 2-D gray images of shape (H, W), got shape {x.shape}; "
-                         "compute it per channel or on the Y channel for colour images")
-    if min(x.shape) < SSIM_WIN_SIZE:
-        raise ValueError(f"ssim: images must be at least {SSIM_WIN_SIZE}x{SSIM_WIN_SIZE} (the SSIM window), "
-                         f"got shape {x.shape}")
+    x, ref, data_range = _ssim_inputs(x, ref, data_range, "ssim", SSIM_WIN_SIZE)
 
     ssim_map = _ssim_map(x, ref, data_range)
     pad = (SSIM_WIN_SIZE - 1) // 2
@@ -153,16 +158,9 @@ def ssim_gaussian(x: np.ndarray, ref: np.ndarray, data_range: float = 255.0, pad
     Everything is computed in float64. Images smaller than 11×11 are rejected for both paddings: "valid"
     would have no pixel left, and in "same" every pixel would be dominated by the zero padding.
     """
-    x, ref = _float64_pair(x, ref, "ssim_gaussian")
-    data_range = _check_data_range(data_range, "ssim_gaussian")
     if padding not in ("valid", "same"):
         raise ValueError(f"ssim_gaussian: padding must be 'valid' or 'same', got {padding!r}")
-    if x.ndim != 2:
-        raise ValueError(f"ssim_gaussian: expected 2-D gray images of shape (H, W), got shape {x.shape}; "
-                         "compute it per channel or on the Y channel for colour images")
-    if min(x.shape) < SSIM_GAUSSIAN_WIN_SIZE:
-        raise ValueError(f"ssim_gaussian: images must be at least {SSIM_GAUSSIAN_WIN_SIZE}x"
-                         f"{SSIM_GAUSSIAN_WIN_SIZE} (the SSIM window), got shape {x.shape}")
+    x, ref, data_range = _ssim_inputs(x, ref, data_range, "ssim_gaussian", SSIM_GAUSSIAN_WIN_SIZE)
 
     window = _gaussian_window_1d()
 

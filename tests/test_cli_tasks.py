@@ -49,12 +49,17 @@ def test_cassi_x0_and_gap_tv(cubes, tmp_path, capsys):
     assert scores["gap-tv"] > scores["x0"] + 1.0
 
 
+def _cassi_checkpoint(mask, path, num_stages):
+    """A small untrained CASSI DUN saved with its task record."""
+    operator = CASSI(torch.from_numpy(scipy.io.loadmat(mask)["mask"]), 28, 2)
+    model = build_dun(operator, ModelConfig(strategy="shared", num_stages=num_stages,
+                                            backbone_kwargs={"in_channels": 28, "channels": 2, "num_blocks": 1}))
+    save_dun(model, path, {"task": "cassi"})
+
+
 def test_cassi_checkpoint_is_recognised_by_its_recorded_task(cubes, tmp_path, capsys):
     folder, mask = cubes
-    operator = CASSI(torch.from_numpy(scipy.io.loadmat(mask)["mask"]), 28, 2)
-    model = build_dun(operator, ModelConfig(strategy="shared", num_stages=2,
-                                            backbone_kwargs={"in_channels": 28, "channels": 2, "num_blocks": 1}))
-    save_dun(model, tmp_path / "cassi.safetensors", {"task": "cassi"})
+    _cassi_checkpoint(mask, tmp_path / "cassi.safetensors", num_stages=2)
     assert main(["eval", "--checkpoint", str(tmp_path / "cassi.safetensors"), "--images", str(folder), "--mask",
                  str(mask), "--quiet"]) == 0, capsys.readouterr().err
     assert "scene1" in capsys.readouterr().out
@@ -194,10 +199,7 @@ def test_cassi_bad_input(cubes, tmp_path, capsys):
 
 def test_a_checkpoint_the_method_would_ignore_is_refused(cubes, tmp_path, capsys):
     folder, mask = cubes
-    operator = CASSI(torch.from_numpy(scipy.io.loadmat(mask)["mask"]), 28, 2)
-    model = build_dun(operator, ModelConfig(strategy="shared", num_stages=1,
-                                            backbone_kwargs={"in_channels": 28, "channels": 2, "num_blocks": 1}))
-    save_dun(model, tmp_path / "m.safetensors", {"task": "cassi"})
+    _cassi_checkpoint(mask, tmp_path / "m.safetensors", num_stages=1)
     assert main(["eval", "--task", "cassi", "--method", "gap-tv", "--checkpoint", str(tmp_path / "m.safetensors"),
                  "--images", str(folder), "--mask", str(mask)]) == 2
     assert "--method gap-tv: reconstructs without a model" in capsys.readouterr().err
