@@ -74,7 +74,7 @@ def _cfg(bm, bn, bk, warps, stages):
 _TUNE = full_tuning()
 
 # Config lists per dot precision, because the precision changes what a tile costs in registers: "tf32" (also what
-# 16-bit inputs get, see settings.dot_precision) becomes tensor-core MMAs; "tf32x3" issues three MMAs per product on
+# 16-bit inputs get, see settings.dot_precision) becomes tensor-core MMAs; "tf32x3" runs three MMAs per product on
 # split operands, three times the operand registers; "ieee" becomes FMA loops with the whole accumulator and both
 # operand fragments in registers. Tiles tuned for tf32 spill at 255 registers in the other two (ptxas, sm_90,
 # bench/compile_report.py). The autotuner holds one list, the union; the pruner keeps the precision's own entries.
