@@ -88,6 +88,8 @@ class FusedLoRunConv(LoRAConv2d):
         self.backend = backend
         self.input_precision = input_precision
         self._merged_cache = {}
+        # nn.Conv2d pads by itself only in 'zeros' mode with numeric padding ('same'/'valid' strings included).
+        self._plain_padding = getattr(base, "padding_mode", "zeros") == "zeros"
 
     @classmethod
     def from_conv(cls, conv: nn.Module, num_stages: int, *, rank: int | None = None, gamma: float = 10.0,
@@ -154,7 +156,9 @@ class FusedLoRunConv(LoRAConv2d):
     def _check_input(self, x: torch.Tensor, weight: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
+        # The weight's input-channel axis (0 for a transposed convolution) instead of the in_channels property: this
+        # runs for every layer of every stage.
+        if x.dim() != 4 or x.shape[1] != weight.shape[0 if self.transposed else 1]:
             raise ValueError(f"x: expected (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
@@ -265,7 +269,13 @@ class FusedLoRunConv(LoRAConv2d):
             return fused_lora_conv2d(x, base.weight, self.lora_A[str(stage)].weight, self.lora_B[str(stage)].weight,
                                      self.scaling, base.bias, padding=_pair(base.kernel_size)[0] // 2, relu=relu,
                                      residual=residual, out_scale=out_scale, input_precision=self.input_precision)
-        if backend == "merged":
+        if backend == "merged" and cache and not self.transposed and self._plain_padding:
+            # Inference on a plain zero-padded convolution: F.conv2d with the cached weight, as nn.Conv2d would call
+            # it (what merged_conv does, one call level and two attribute lookups shorter).
+            base = self._modules["base_layer"]
+            y = F.conv2d(x, self._cached_merge(stage, "merged", tensors[:3]), tensors[3], base.stride, base.padding,
+                         base.dilation, base.groups)
+        elif backend == "merged":
             y = merged_conv(self, x, stage, self._cached_merge(stage, "merged", tensors[:3]) if cache else None)
         else:
             y = LoRAConv2d.forward(self, x, stage)
