@@ -106,7 +106,7 @@ elif not _TUNE:
     }
     _DW_CONFIGS = [triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16}, num_warps=4, num_stages=2),
                    triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64}, num_warps=8, num_stages=3)]
-    _DW_TAPS_CONFIGS = [_dw_cfg(16, 16, 4, 3), _dw_cfg(32, 16, 8, 2)]
+    _DW_TAPS_CONFIGS = [_dw_cfg(16, 16, 4, 3), _dw_cfg(64, 16, 8, 2)]
     _HALO_BY_PRECISION = {
         "tf32": [_halo_cfg(4, 16, 16, 16, 4, 2), _halo_cfg(8, 8, 64, 16, 4, 2)],
         "tf32x3": [_halo_cfg(4, 16, 16, 16, 4, 2), _halo_cfg(8, 8, 32, 16, 4, 2)],
@@ -152,9 +152,10 @@ else:
                                  (16, 32, 4, 3), (32, 16, 4, 3), (16, 16, 4, 2), (64, 64, 4, 4)]
     ]
     # The all-taps dW kernel's N is TAPS_PAD·BLOCK_CI (16·BLOCK_CI for 3×3: nine taps padded to 16), so 3×3 keeps
-    # BLOCK_CI = 16 (N = 256) and only 1×1 uses the wider ones; the pruner drops N > 256.
+    # BLOCK_CI = 16 (N = 256) and only 1×1 uses the wider ones; the pruner drops N > 256. No (32, 16) tile: at 4 and
+    # at 8 warps triton 3.6's ptxas spilled 4–8 B with it on sm_90 (tf32 with the ReLU mask, ieee).
     _DW_TAPS_CONFIGS = [_dw_cfg(bco, bci, w, st) for (bco, bci, w, st) in
-                        [(32, 16, 4, 2), (64, 16, 8, 2), (16, 16, 4, 3), (64, 64, 8, 2),
+                        [(64, 16, 8, 2), (16, 16, 4, 3), (64, 64, 8, 2),
                          (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)]]
 
 if not _INTERPRET and _TUNE:
