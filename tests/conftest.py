@@ -8,6 +8,17 @@ if not torch.cuda.is_available():
     # Must be set before any @triton.jit decorates a kernel, i.e. before lorun_fast.kernels is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Inductor's on-disk caches are keyed on the traced graph, not on the custom ops' schemas: a graph compiled against an
+# older lorun_fast (another checkout, an earlier version) would be reused and call an op with the old arguments. The
+# tests compile into a cache of their own run instead (unless the caller chose one).
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorun_fast_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+
 from lorun_fast.io import data_root  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
