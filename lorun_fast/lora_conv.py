@@ -15,8 +15,8 @@ move between the two unchanged) with three ways to compute a stage:
 
 When no gradient is needed (inference, ``eval``, ``restore``; or a frozen layer), the ``triton`` and ``merged``
 backends reuse the stage's merged weight instead of forming it at every forward: it is cached per stage and backend,
-keyed on the storage and version counter of ``W``, ``A_k`` and ``B_k`` (an optimizer step, ``load_state_dict`` or
-``.to()`` makes a new key) and on the scale. ``clear_merged_cache()`` drops it; it is never saved in a state dict.
+keyed on the storage, version counter, dtype and device of ``W``, ``A_k`` and ``B_k`` (an optimizer step,
+``load_state_dict``, ``.to()`` or assigning ``.data`` makes a new key) and on the scale. ``clear_merged_cache()`` drops it; it is never saved in a state dict.
 """
 from __future__ import annotations
 
@@ -223,13 +223,19 @@ class FusedLoRunConv(LoRAConv2d):
         tensors = self._stage_tensors(stage)[:3]
         return self._cached_merge(stage, backend, tensors)
 
+    @staticmethod
+    def _state_of(t: torch.Tensor) -> tuple:
+        # Storage address, version counter, dtype and device: ``module.to()`` and ``param.data = ...`` keep the
+        # Parameter object but give it new storage (and may keep the version), in-place updates bump the version.
+        return t.data_ptr(), t._version, t.dtype, t.get_device()
+
     def _cached_merge(self, stage: int, backend: str, tensors) -> torch.Tensor:
         w, a, b = tensors
-        # An entry holds the tensors themselves (so their ids cannot be reused while it lives) and their versions.
+        # An entry holds the tensors themselves (so their ids cannot be reused while it lives) and their states.
+        key = (self._state_of(w), self._state_of(a), self._state_of(b), self.scaling)
         hit = self._merged_cache.get((stage, backend))
-        if (hit is not None and hit[0] is w and hit[1] is a and hit[2] is b and hit[3] == w._version
-                and hit[4] == a._version and hit[5] == b._version and hit[6] == self.scaling):
-            return hit[7]
+        if hit is not None and hit[0] is w and hit[1] is a and hit[2] is b and hit[3] == key:
+            return hit[4]
         with torch.no_grad():
             if backend == "triton":
                 from lorun_fast.kernels.lora_conv import merge_weight
@@ -237,7 +243,7 @@ class FusedLoRunConv(LoRAConv2d):
                 weight = merge_weight(*tensors, self.scaling)
             else:
                 weight = self.merged_weight(stage)
-        self._merged_cache[(stage, backend)] = (w, a, b, w._version, a._version, b._version, self.scaling, weight)
+        self._merged_cache[(stage, backend)] = (w, a, b, key, weight)
         return weight
 
 

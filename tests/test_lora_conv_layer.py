@@ -330,3 +330,20 @@ def test_triton_inference_uses_the_cached_merge(monkeypatch):
     _check("y (training path)", trained.detach(), want, "triton")
     with pytest.raises(RuntimeError, match="fused_conv2d: has no backward"):
         lc.fused_conv2d(x.requires_grad_(), fast.weight.detach(), padding=1)
+
+
+def test_cache_follows_dtype_changes_and_data_assignment():
+    """``module.float()`` and ``param.data = ...`` keep the Parameter objects but change their storage: the cached
+    merge must not survive either."""
+    reference, fast, generator = _pair(4, 6, 3, 2, 2, seed=24)
+    x = torch.randn(1, 4, 7, 7, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        _check("y in float64", fast(x, 1), reference(x, 1), "merged")
+        fast.float()
+        y = fast(x.float(), 1)
+        assert y.dtype == torch.float32
+        assert_close_to_reference("y after .float()", y, reference(x, 1), "ieee")
+        fast.double()
+        fast.lora_B["1"].weight.data = fast.lora_B["1"].weight.data + 0.5
+        reference.lora_B["1"].weight.data = reference.lora_B["1"].weight.data + 0.5
+        assert_close_to_reference("y after .data assignment", fast(x, 1), reference(x, 1), "ieee")
