@@ -90,6 +90,8 @@ class FusedLoRunConv(LoRAConv2d):
         self._merged_cache = {}
         # nn.Conv2d pads by itself only in 'zeros' mode with numeric padding ('same'/'valid' strings included).
         self._plain_padding = getattr(base, "padding_mode", "zeros") == "zeros"
+        # Forwards without gradients on the merged backend (the CPU default under "auto") take _fast_inference.
+        self._inference_fast_path = backend in ("merged", "auto") and self._plain_padding and not self.transposed
 
     @classmethod
     def from_conv(cls, conv: nn.Module, num_stages: int, *, rank: int | None = None, gamma: float = 10.0,
@@ -247,8 +249,36 @@ class FusedLoRunConv(LoRAConv2d):
         return weight
 
 
+    def _fast_inference(self, x, stage, relu, residual, out_scale):
+        """Inference on the merged backend of a plain convolution: the cached weight and one ``F.conv2d``, with the
+        checks of the full path done on attributes only; returns None (so the full path runs, and raises its own
+        messages) for anything out of the ordinary."""
+        if (type(stage) is not int or not 0 <= stage < self.num_stages or type(x) is not torch.Tensor
+                or x.is_cuda or type(out_scale) not in (float, int) or torch.compiler.is_compiling()):
+            return None
+        tensors = self._stage_tensors(stage)
+        w = tensors[0]
+        if x.dim() != 4 or x.shape[1] != w.shape[1] or x.dtype != w.dtype or x.device != w.device \
+                or not x.shape[2] or not x.shape[3] or not math.isfinite(out_scale):
+            return None
+        base = self._modules["base_layer"]
+        y = F.conv2d(x, self._cached_merge(stage, "merged", tensors[:3]), tensors[3], base.stride, base.padding,
+                     base.dilation, base.groups)
+        if residual is not None and (type(residual) is not torch.Tensor or residual.shape != y.shape
+                                     or residual.dtype != y.dtype or residual.device != y.device):
+            return None
+        if relu:
+            y = F.relu(y)
+        if out_scale != 1.0:
+            y = y * out_scale
+        return y if residual is None else y + residual
+
     def forward(self, x: torch.Tensor, stage: int | None = None, *, relu: bool = False,
                 residual: torch.Tensor | None = None, out_scale: float = 1.0) -> torch.Tensor:
+        if self._inference_fast_path and not torch.is_grad_enabled():
+            y = self._fast_inference(x, self.active_stage if stage is None else stage, relu, residual, out_scale)
+            if y is not None:
+                return y
         stage = check_stage(self.active_stage if stage is None else stage, self.num_stages)
         tensors = self._stage_tensors(stage)
         self._check_input(x, tensors[0])

@@ -347,3 +347,25 @@ def test_cache_follows_dtype_changes_and_data_assignment():
         fast.lora_B["1"].weight.data = fast.lora_B["1"].weight.data + 0.5
         reference.lora_B["1"].weight.data = reference.lora_B["1"].weight.data + 0.5
         assert_close_to_reference("y after .data assignment", fast(x, 1), reference(x, 1), "ieee")
+
+
+def test_inference_fast_path_matches_and_refuses_like_the_full_path():
+    """Without gradients a merged layer takes a short path (cached weight, one F.conv2d); it gives the reference's
+    result, epilogue included, and anything unusual falls through to the full path and its messages."""
+    reference, fast, generator = _pair(6, 6, 3, 2, 3, seed=25, bias=True)
+    x = torch.randn(2, 6, 9, 8, generator=generator, dtype=torch.float64)
+    residual = torch.randn(2, 6, 9, 8, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        for stage in range(3):
+            _check(f"stage {stage}", fast(x, stage, relu=True, residual=residual, out_scale=0.5),
+                   0.5 * F.relu(reference(x, stage)) + residual, "merged")
+        with pytest.raises(ValueError, match=r"x: expected \(N, 6, H, W\)"):
+            fast(x[:, :5], 1)
+        with pytest.raises(ValueError, match="residual: expected the output's shape"):
+            fast(x, 1, residual=residual[:, :, :8])
+        with pytest.raises(TypeError, match="x: dtype torch.float32 does not match"):
+            fast(x.float(), 1)
+        with pytest.raises(IndexError, match="stage: expected an int in"):
+            fast(x, 3)
+        with pytest.raises(ValueError, match="out_scale: expected a finite number"):
+            fast(x, 1, out_scale=float("inf"))
