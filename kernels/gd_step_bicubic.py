@@ -41,8 +41,8 @@ import triton.language as tl
 
 from lorun_fast.kernels.gd_step_common import (_SR_CONFIGS, _as_rho, _backward_fakes, _check_device,
                                                _check_runnable, _check_x, _check_y, _empty, _finish_backward,
-                                               _forward_fakes, _lr_rows, _mark_residual, _nothing, _prune_rows,
-                                               _store_residual)
+                                               _forward_fakes, _mark_residual, _nothing, _plane_rows, _prune_rows,
+                                               _store_residual, _store_update)
 from lorun_fast.reference.bicubic import SUPPORTED_SCALES, _matrix_numpy
 
 __all__ = ["gd_step_bicubic", "GDStepBicubicFunction", "bicubic_forward", "bicubic_backward", "bicubic_tables",
@@ -84,7 +84,7 @@ def _bicubic_residual_kernel(
         HAS_Y, PARTIAL: switches.
         BLOCK_H: LR rows per program; BLOCK_W: LR pixels per chunk.
     """
-    nc, i, i_ok, x_img, y_img, r_rows = _lr_rows(C, HL, WL, sx_n, sx_c, sy_n, sy_c, BLOCK_H)
+    nc, i, i_ok, x_img, y_img, r_rows = _plane_rows(C, HL, WL, sx_n, sx_c, sy_n, sy_c, BLOCK_H)
     offs = tl.arange(0, BLOCK_W)
     part = tl.full((BLOCK_H, BLOCK_W), 0.0, tl.float32)
     for j0 in range(0, WL, BLOCK_W):
@@ -135,13 +135,7 @@ def _bicubic_update_kernel(
         TAH, TAW: the adjoint tables' widths.
         BLOCK_H: HR rows per program; BLOCK_W: HR pixels per chunk.
     """
-    pid = tl.program_id(0)
-    tiles_h = (H + BLOCK_H - 1) // BLOCK_H
-    nc = pid // tiles_h
-    p = (pid % tiles_h) * BLOCK_H + tl.arange(0, BLOCK_H)
-    p_ok = p < H
-    x_img = (nc // C).to(tl.int64) * sx_n + (nc % C).to(tl.int64) * sx_c
-    z_img = (nc // C).to(tl.int64) * sz_n + (nc % C).to(tl.int64) * sz_c
+    nc, p, p_ok, x_img, z_img, _ = _plane_rows(C, H, W, sx_n, sx_c, sz_n, sz_c, BLOCK_H)
     r_img = nc.to(tl.int64) * HL * WL
     rho = tl.load(rho_ptr).to(tl.float32)
     offs = tl.arange(0, BLOCK_W)
@@ -160,11 +154,7 @@ def _bicubic_update_kernel(
                 rv = tl.load(r_ptr + r_img + src_h[:, None] + src_w[None, :], mask=ok, other=0.0)
                 row += vw[None, :] * rv
             acc += vh[:, None] * row
-        xv = tl.load(x_ptr + x_img + p.to(tl.int64)[:, None] * sx_h + q.to(tl.int64)[None, :] * sx_w,
-                     mask=ok, other=0.0)
-        z = xv.to(tl.float32) - rho * acc
-        tl.store(z_ptr + z_img + p.to(tl.int64)[:, None] * sz_h + q.to(tl.int64)[None, :] * sz_w,
-                 z.to(z_ptr.dtype.element_ty), mask=ok)
+        _store_update(acc, rho, p, q, ok, x_ptr, x_img, sx_h, sx_w, z_ptr, z_img, sz_h, sz_w)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -90,21 +90,21 @@ def _prune_rows(width_arg):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Kernel code shared by the SR residual passes (Gaussian and bicubic)
+# Kernel code shared by the SR steps (Gaussian and bicubic): the row prologue, the residual and update stores
 # --------------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _lr_rows(C, HL, WL, sx_n, sx_c, sy_n, sy_c, BLOCK_H: tl.constexpr):
-    """The plane and LR rows a residual program owns (grid: N·C·⌈HL / BLOCK_H⌉): ``(nc, i, i_ok, x_img, y_img,
-    r_rows)`` — plane index, row indices and mask, x's and y's plane offsets, and the rows' offsets in the
-    contiguous (N, C, HL, WL) residual."""
+def _plane_rows(C, ROWS, ROW_LEN, sa_n, sa_c, sb_n, sb_c, BLOCK_H: tl.constexpr):
+    """The plane and rows a row program owns (grid: N·C·⌈ROWS / BLOCK_H⌉): ``(nc, rows, rows_ok, a_img, b_img,
+    row_offsets)`` — plane index, row indices and mask, the plane offsets of two (N, C, ·, ·) tensors with strides
+    ``sa_*`` and ``sb_*``, and the rows' offsets in a contiguous (N, C, ROWS, ROW_LEN) one (the residual)."""
     pid = tl.program_id(0)
-    tiles_h = (HL + BLOCK_H - 1) // BLOCK_H
+    tiles_h = (ROWS + BLOCK_H - 1) // BLOCK_H
     nc = pid // tiles_h
-    i = (pid % tiles_h) * BLOCK_H + tl.arange(0, BLOCK_H)
-    x_img = (nc // C).to(tl.int64) * sx_n + (nc % C).to(tl.int64) * sx_c
-    y_img = (nc // C).to(tl.int64) * sy_n + (nc % C).to(tl.int64) * sy_c
-    return nc, i, i < HL, x_img, y_img, (nc.to(tl.int64) * HL + i) * WL
+    rows = (pid % tiles_h) * BLOCK_H + tl.arange(0, BLOCK_H)
+    a_img = (nc // C).to(tl.int64) * sa_n + (nc % C).to(tl.int64) * sa_c
+    b_img = (nc // C).to(tl.int64) * sb_n + (nc % C).to(tl.int64) * sb_c
+    return nc, rows, rows < ROWS, a_img, b_img, (nc.to(tl.int64) * ROWS + rows) * ROW_LEN
 
 
 @triton.jit
@@ -119,6 +119,16 @@ def _store_residual(acc, part, i, j, ok, y_ptr, y_img, sy_h, sy_w, r_ptr, rs_ptr
     if PARTIAL:
         part += acc * tl.load(rs_ptr + r_rows[:, None] + j[None, :], mask=ok, other=0.0)
     return part
+
+
+@triton.jit
+def _store_update(acc, rho, p, q, ok, x_ptr, x_img, sx_h, sx_w, z_ptr, z_img, sz_h, sz_w):
+    """``z = x − ρ·acc`` (``acc`` = Aᵀr on the chunk of rows ``p`` × columns ``q``) in fp32, stored in z's dtype."""
+    xv = tl.load(x_ptr + x_img + p.to(tl.int64)[:, None] * sx_h + q.to(tl.int64)[None, :] * sx_w,
+                 mask=ok, other=0.0)
+    z = xv.to(tl.float32) - rho * acc
+    tl.store(z_ptr + z_img + p.to(tl.int64)[:, None] * sz_h + q.to(tl.int64)[None, :] * sz_w,
+             z.to(z_ptr.dtype.element_ty), mask=ok)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ import triton.language as tl
 
 from lorun_fast.kernels.gd_step_common import (_SR_CONFIGS, _as_rho, _backward_fakes, _check_device, _check_fixed,
                                                _check_int, _check_runnable, _check_tensor, _check_x, _check_y, _empty,
-                                               _finish_backward, _forward_fakes, _lr_rows, _nothing, _prune_rows,
-                                               _save_step, _step_backward, _store_residual)
+                                               _finish_backward, _forward_fakes, _nothing, _plane_rows, _prune_rows,
+                                               _save_step, _step_backward, _store_residual, _store_update)
 
 __all__ = ["gd_step_sr", "GDStepSRFunction", "sr_forward", "sr_backward"]
 
@@ -63,7 +63,7 @@ def _sr_residual_kernel(
         HAS_Y, PARTIAL: switches.
         BLOCK_H: LR rows per program; BLOCK_W: LR pixels per chunk.
     """
-    nc, i, i_ok, x_img, y_img, r_rows = _lr_rows(C, HL, WL, sx_n, sx_c, sy_n, sy_c, BLOCK_H)
+    nc, i, i_ok, x_img, y_img, r_rows = _plane_rows(C, HL, WL, sx_n, sx_c, sy_n, sy_c, BLOCK_H)
     offs = tl.arange(0, BLOCK_W)
     part = tl.full((BLOCK_H, BLOCK_W), 0.0, tl.float32)
     for j0 in range(0, WL, BLOCK_W):
@@ -113,13 +113,7 @@ def _sr_update_kernel(
         S: scale; KH, KW: kernel size; TH = ⌈KH/S⌉, TW = ⌈KW/S⌉: taps per output pixel and axis.
         BLOCK_H: HR rows per program; BLOCK_W: HR pixels per chunk.
     """
-    pid = tl.program_id(0)
-    tiles_h = (H + BLOCK_H - 1) // BLOCK_H
-    nc = pid // tiles_h
-    p = (pid % tiles_h) * BLOCK_H + tl.arange(0, BLOCK_H)
-    p_ok = p < H
-    x_img = (nc // C).to(tl.int64) * sx_n + (nc % C).to(tl.int64) * sx_c
-    z_img = (nc // C).to(tl.int64) * sz_n + (nc % C).to(tl.int64) * sz_c
+    nc, p, p_ok, x_img, z_img, _ = _plane_rows(C, H, W, sx_n, sx_c, sz_n, sz_c, BLOCK_H)
     r_img = nc.to(tl.int64) * HL * WL
     rho = tl.load(rho_ptr).to(tl.float32)
     a0 = (p + KH // 2) % S
@@ -140,11 +134,7 @@ def _sr_update_kernel(
                 kv = tl.load(k_ptr + a[:, None] * KW + b[None, :], mask=tap_ok, other=0.0).to(tl.float32)
                 rv = tl.load(r_ptr + r_img + i.to(tl.int64)[:, None] * WL + jj[None, :], mask=tap_ok, other=0.0)
                 acc += kv * rv
-        xv = tl.load(x_ptr + x_img + p.to(tl.int64)[:, None] * sx_h + q.to(tl.int64)[None, :] * sx_w,
-                     mask=ok, other=0.0)
-        z = xv.to(tl.float32) - rho * acc
-        tl.store(z_ptr + z_img + p.to(tl.int64)[:, None] * sz_h + q.to(tl.int64)[None, :] * sz_w,
-                 z.to(z_ptr.dtype.element_ty), mask=ok)
+        _store_update(acc, rho, p, q, ok, x_ptr, x_img, sx_h, sx_w, z_ptr, z_img, sz_h, sz_w)
 
 
 # --------------------------------------------------------------------------------------------------------------------
