@@ -287,7 +287,7 @@ def load_adapters(base: DUN, path) -> DUN:
                          f"{base_config.backbone_kwargs} with {base_config.num_stages} stages")
     try:
         model = lorun_from(base, rank=config.rank, gamma=config.gamma, alpha=config.alpha, targets=config.targets,
-                           per_stage=config.per_stage)
+                           per_stage=config.per_stage, ranks=config.ranks)
     except (TypeError, ValueError) as err:
         raise ValueError(f"adapters: {path} has a config that builds no model on this base ({err})") from err
     expected_hash = metadata.get(BASE_HASH_KEY)

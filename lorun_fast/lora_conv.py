@@ -15,13 +15,15 @@ move between the two unchanged) with three ways to compute a stage:
 
 When no gradient is needed (inference, ``eval``, ``restore``; or a frozen layer), the ``triton`` and ``merged``
 backends reuse the stage's merged weight instead of forming it at every forward: it is cached per stage and backend,
-keyed on the storage, version counter, dtype and device of ``W``, ``A_k`` and ``B_k`` (an optimizer step,
-``load_state_dict``, ``.to()`` or assigning ``.data`` makes a new key) and on the scale. ``clear_merged_cache()`` drops it; it is never saved in a state dict.
+keyed on the version counter and storage of ``W``, ``A_k`` and ``B_k`` (an optimizer step, ``load_state_dict`` or
+assigning ``.data`` makes a new key) and on the scale, and emptied by ``.to()``, ``.float()`` and the like.
+``clear_merged_cache()`` drops it; it is never saved in a state dict.
 """
 from __future__ import annotations
 
 import copy
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,19 @@ __all__ = ["FusedLoRunConv", "BACKENDS"]
 BACKENDS = ("auto", "triton", "merged", "reference")
 _STAGE_NAMES = tuple(str(k) for k in range(64))  # the adapters' ModuleDict keys, without a str() per call
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: How many parameters and submodules have been registered in this process (any module, through nn.Module's global
+#: registration hooks). The inference fast path re-checks which tensors a layer holds only when this has moved.
+_registrations = 0
+
+
+def _count_registration(module, name, value) -> None:
+    global _registrations
+    _registrations += 1
+
+
+nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+nn.modules.module.register_module_module_registration_hook(_count_registration)
 
 
 def _pair(value) -> tuple[int, int]:
@@ -53,8 +68,8 @@ class FusedLoRunConv(LoRAConv2d):
     """A LoRA convolution with ``num_stages`` adapters, computed by the fused Triton kernel where it can be.
 
     Constructor: ``nn.Conv2d``'s arguments (``bias`` defaults to False, as DUN denoisers have none) plus
-    ``num_stages``, ``rank`` (or the paper's rule with ``gamma``), ``alpha`` (default: the rank, so s = 1),
-    ``backend`` (one of ``BACKENDS``) and ``input_precision`` for float32 on the Triton path
+    ``num_stages``, ``rank`` (or the paper's rule with ``gamma``; or one rank per stage), ``alpha`` (default: the
+    rank, so s = 1), ``backend`` (one of ``BACKENDS``) and ``input_precision`` for float32 on the Triton path
     (``"ieee"``, ``"tf32"`` or ``"tf32x3"``). Dilation, groups and non-zero padding modes are not supported and
     raise here, not at the first forward.
 
@@ -64,8 +79,8 @@ class FusedLoRunConv(LoRAConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = False, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 num_stages: int, rank: int | None = None, gamma: float = 10.0, alpha: float | None = None,
-                 backend: str = "auto", input_precision: str = "tf32"):
+                 num_stages: int, rank: int | Sequence[int] | None = None, gamma: float = 10.0,
+                 alpha: float | None = None, backend: str = "auto", input_precision: str = "tf32"):
         if _pair(dilation) != (1, 1):
             raise ValueError(f"dilation: FusedLoRunConv supports dilation 1 only, got {dilation}")
         if groups != 1:
@@ -90,8 +105,8 @@ class FusedLoRunConv(LoRAConv2d):
         self._merged_cache = {}
         # nn.Conv2d pads by itself only in 'zeros' mode with numeric padding ('same'/'valid' strings included).
         self._plain_padding = getattr(base, "padding_mode", "zeros") == "zeros"
-        # Forwards without gradients on the merged backend (the CPU default under "auto") take _fast_inference.
-        self._inference_fast_path = backend in ("merged", "auto") and self._plain_padding and not self.transposed
+        # Forwards without gradients on the merged backend (the CPU default under "auto") take forward's short path.
+        self._inference_fast_path = backend in ("merged", "auto") and self._plain_padding
 
     @classmethod
     def from_conv(cls, conv: nn.Module, num_stages: int, *, rank: int | None = None, gamma: float = 10.0,
@@ -111,15 +126,16 @@ class FusedLoRunConv(LoRAConv2d):
     @classmethod
     def from_lora(cls, layer: LoRAConv2d, backend: str = "auto", input_precision: str = "tf32") -> "FusedLoRunConv":
         """The fast sibling of a reference layer: a copy with the same parameters and names."""
-        fast = cls.from_conv(copy.deepcopy(layer.base_layer), layer.num_stages, rank=layer.rank, alpha=layer.alpha, backend=backend,
-                             input_precision=input_precision)
+        fast = cls.from_conv(copy.deepcopy(layer.base_layer), layer.num_stages, rank=list(layer.ranks),
+                             alpha=layer.alpha, backend=backend, input_precision=input_precision)
         fast.load_state_dict(layer.state_dict())
         fast.active_stage = layer.active_stage
         return fast
 
     def to_reference(self) -> LoRAConv2d:
         """The reference sibling: a copy with the same parameters and names."""
-        reference = LoRAConv2d(copy.deepcopy(self.base_layer), self.num_stages, rank=self.rank, alpha=self.alpha)
+        reference = LoRAConv2d(copy.deepcopy(self.base_layer), self.num_stages, rank=list(self.ranks),
+                               alpha=self.alpha)
         reference.load_state_dict(self.state_dict())
         reference.active_stage = self.active_stage
         return reference
@@ -225,60 +241,92 @@ class FusedLoRunConv(LoRAConv2d):
         tensors = self._stage_tensors(stage)[:3]
         return self._cached_merge(stage, backend, tensors)
 
-    @staticmethod
-    def _state_of(t: torch.Tensor) -> tuple:
-        # Storage address, version counter, dtype and device: ``module.to()`` and ``param.data = ...`` keep the
-        # Parameter object but give it new storage (and may keep the version), in-place updates bump the version.
-        return t.data_ptr(), t._version, t.dtype, t.get_device()
-
     def _cached_merge(self, stage: int, backend: str, tensors) -> torch.Tensor:
         w, a, b = tensors
-        # An entry holds the tensors themselves (so their ids cannot be reused while it lives) and their states.
-        key = (self._state_of(w), self._state_of(a), self._state_of(b), self.scaling)
-        hit = self._merged_cache.get((stage, backend))
-        if hit is not None and hit[0] is w and hit[1] is a and hit[2] is b and hit[3] == key:
-            return hit[4]
-        with torch.no_grad():
-            if backend == "triton":
-                from lorun_fast.kernels.lora_conv import merge_weight
+        # An entry holds the tensors themselves (so their ids cannot be reused while it lives), their version counters
+        # (in-place updates: optimizer steps, load_state_dict) and storage addresses (``param.data = ...`` keeps the
+        # Parameter but not its storage), and the registration count it was checked at (see forward). dtype
+        # and device changes go through ``_apply``, which empties the cache.
+        hit = self._merged_cache.pop((stage, backend), None)
+        if hit is not None and hit[0] is w and hit[1] is a and hit[2] is b and self._unchanged(hit):
+            weight = hit[10]
+        else:
+            with torch.no_grad():
+                if backend == "triton":
+                    from lorun_fast.kernels.lora_conv import merge_weight
 
-                weight = merge_weight(*tensors, self.scaling)
-            else:
-                weight = self.merged_weight(stage)
-        self._merged_cache[(stage, backend)] = (w, a, b, key, weight)
+                    weight = merge_weight(*tensors, self.scaling)
+                else:
+                    weight = self.merged_weight(stage)
+        # Only registered Parameters are cached: a weight computed at each access (a parametrization) is a new
+        # tensor every time, and its inputs are not what an entry could watch.
+        if type(w) is nn.Parameter and type(a) is nn.Parameter and type(b) is nn.Parameter:
+            self._merged_cache[(stage, backend)] = (w, a, b, w._version, a._version, b._version, w.data_ptr(),
+                                                    a.data_ptr(), b.data_ptr(), self.scaling, weight, _registrations)
         return weight
 
+    def _unchanged(self, entry) -> bool:
+        """Whether the tensors a cache entry was merged from still hold the values it saw."""
+        w, a, b = entry[0], entry[1], entry[2]
+        return (entry[3] == w._version and entry[4] == a._version and entry[5] == b._version
+                and entry[6] == w.data_ptr() and entry[7] == a.data_ptr() and entry[8] == b.data_ptr()
+                and entry[9] == self.scaling)
 
-    def _fast_inference(self, x, stage, relu, residual, out_scale):
-        """Inference on the merged backend of a plain convolution: the cached weight and one ``F.conv2d``, with the
-        checks of the full path done on attributes only; returns None (so the full path runs, and raises its own
-        messages) for anything out of the ordinary."""
-        if (type(stage) is not int or not 0 <= stage < self.num_stages or type(x) is not torch.Tensor
-                or x.is_cuda or type(out_scale) not in (float, int) or torch.compiler.is_compiling()):
-            return None
-        tensors = self._stage_tensors(stage)
-        w = tensors[0]
-        if x.dim() != 4 or x.shape[1] != w.shape[1] or x.dtype != w.dtype or x.device != w.device \
-                or not x.shape[2] or not x.shape[3] or not math.isfinite(out_scale):
-            return None
+    def _apply(self, fn, recurse=True):
+        # .to(), .float(), .cuda(), ...: the parameters get new storage, perhaps at an address a cached entry saw.
+        self._merged_cache.clear()
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor, stage: int | None = None, *, relu: bool = False,
+                residual: torch.Tensor | None = None, out_scale: float = 1.0) -> torch.Tensor:
+        """``out_scale·act(conv(x, W + s·B_k A_k) + bias) + residual`` for stage k (``active_stage`` when None).
+
+        Inference on the merged backend (no gradient; the CPU default) runs right here: the cached weight and one
+        ``F.conv2d`` (or ``conv_transpose2d``), with as few Python operations as keep every input honest, because in
+        a small DUN on a CPU this Python is a visible share of the time; even walking the adapter registries for the
+        current tensors costs a few percent. So a cache entry is trusted to hold the registered tensors for as long
+        as no parameter or submodule was registered anywhere (``_registrations``: load_state_dict(assign=True), a
+        parametrization and a replaced adapter all register), and only their versions and storage are read; after
+        any registration :meth:`_cached_merge` checks the registries once. Anything out of the ordinary goes to
+        :meth:`_forward`, which checks everything and raises its messages; torch's own refusals (wrong channels,
+        dtype or device) are sent there too."""
+        if stage is None:
+            stage = self.active_stage
+        if (not self._inference_fast_path or torch.is_grad_enabled() or type(stage) is not int
+                or type(x) is not torch.Tensor or x.is_cuda or x.dim() != 4 or not x.numel()
+                or torch.compiler.is_compiling()
+                or (out_scale.__class__ is not float or out_scale != 1.0)
+                and (type(out_scale) not in (float, int) or not math.isfinite(out_scale))):
+            return self._forward(x, stage, relu, residual, out_scale)
+        hit = self._merged_cache.get((stage, "merged"))
+        if (hit is not None and hit[11] == _registrations and hit[3] == hit[0]._version  # _unchanged, inlined
+                and hit[4] == hit[1]._version and hit[5] == hit[2]._version and hit[6] == hit[0].data_ptr()
+                and hit[7] == hit[1].data_ptr() and hit[8] == hit[2].data_ptr() and hit[9] == self.scaling):
+            weight = hit[10]
+        elif 0 <= stage < self.num_stages:
+            weight = self._cached_merge(stage, "merged", self._stage_tensors(stage)[:3])
+        else:
+            return self._forward(x, stage, relu, residual, out_scale)
         base = self._modules["base_layer"]
-        y = F.conv2d(x, self._cached_merge(stage, "merged", tensors[:3]), tensors[3], base.stride, base.padding,
-                     base.dilation, base.groups)
+        try:
+            if self.transposed:
+                y = F.conv_transpose2d(x, weight, base.bias, base.stride, base.padding, base.output_padding, 1,
+                                       base.dilation)
+            else:
+                y = F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation)
+        except RuntimeError:
+            return self._forward(x, stage, relu, residual, out_scale)
         if residual is not None and (type(residual) is not torch.Tensor or residual.shape != y.shape
-                                     or residual.dtype != y.dtype or residual.device != y.device):
-            return None
+                                     or residual.dtype != y.dtype):  # a device mismatch raises in the add
+            return self._forward(x, stage, relu, residual, out_scale)
         if relu:
             y = F.relu(y)
         if out_scale != 1.0:
             y = y * out_scale
         return y if residual is None else y + residual
 
-    def forward(self, x: torch.Tensor, stage: int | None = None, *, relu: bool = False,
-                residual: torch.Tensor | None = None, out_scale: float = 1.0) -> torch.Tensor:
-        if self._inference_fast_path and not torch.is_grad_enabled():
-            y = self._fast_inference(x, self.active_stage if stage is None else stage, relu, residual, out_scale)
-            if y is not None:
-                return y
+    def _forward(self, x, stage, relu, residual, out_scale) -> torch.Tensor:
+        """Every other forward, with every check and its message."""
         stage = check_stage(self.active_stage if stage is None else stage, self.num_stages)
         tensors = self._stage_tensors(stage)
         self._check_input(x, tensors[0])

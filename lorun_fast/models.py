@@ -49,6 +49,9 @@ class ModelConfig:
     #: ``lorun`` only: names of parameters of the base denoiser (e.g. ISTA-Net+'s ``soft_thr``) that become per
     #: stage, as ``base value + delta_k`` with trainable ``delta_k`` starting at zero (see :func:`make_per_stage`)
     per_stage: tuple[str, ...] = ()
+    #: ``lorun`` only: one rank per stage for chosen layers (name → K ranks), overriding ``rank``/``gamma`` there;
+    #: written by ``lorun-fast compress``
+    ranks: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
@@ -56,6 +59,16 @@ class ModelConfig:
         if self.per_stage and self.strategy != "lorun":
             raise ValueError(f"per_stage: only the 'lorun' strategy has per-stage base parameters, got strategy "
                              f"{self.strategy!r} with per_stage {list(self.per_stage)}")
+        if not isinstance(self.ranks, dict):
+            raise ValueError(f"ranks: expected a dict of layer name → per-stage ranks, got {type(self.ranks).__name__}")
+        if self.ranks and self.strategy != "lorun":
+            raise ValueError(f"ranks: only the 'lorun' strategy has adapters, got strategy {self.strategy!r}")
+        for name, stage_ranks in self.ranks.items():
+            if (not isinstance(stage_ranks, (list, tuple)) or len(stage_ranks) != self.num_stages
+                    or not all(type(r) is int and r >= 1 for r in stage_ranks)):
+                raise ValueError(f"ranks[{name!r}]: expected {self.num_stages} positive ints (one per stage), got "
+                                 f"{stage_ranks!r}")
+        self.ranks = {name: list(stage_ranks) for name, stage_ranks in self.ranks.items()}
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -109,7 +122,7 @@ class StagedDUN(DUN):
     def denoiser(self, stage: int) -> nn.Module:
         module = super().denoiser(stage)  # checks the stage
         for offset in self._offsets:
-            offset.active_stage = int(stage)
+            offset.__dict__["active_stage"] = int(stage)  # past nn.Module.__setattr__, as DUN.denoiser does
         return module
 
     def parameter_counts(self) -> dict:
@@ -165,7 +178,7 @@ def build_dun(operator: Operator, config: ModelConfig, freeze_base: bool = True)
     """A fresh DUN for ``config`` over ``operator``; ``model.config`` keeps the configuration."""
     model = StagedDUN(operator, build_backbone(config.backbone, **config.backbone_kwargs), config.num_stages,
                       config.strategy, rank=config.rank, gamma=config.gamma, alpha=config.alpha,
-                      targets=config.targets, freeze_base=freeze_base)
+                      targets=config.targets, freeze_base=freeze_base, ranks=config.ranks)
     if config.per_stage:
         make_per_stage(model, config.per_stage)
     model.config = config
@@ -173,18 +186,18 @@ def build_dun(operator: Operator, config: ModelConfig, freeze_base: bool = True)
 
 
 def lorun_from(shared: DUN, *, rank: int | None = None, gamma: float = 10.0, alpha: float | None = None,
-               targets=None, per_stage=(), freeze_base: bool = True) -> StagedDUN:
+               targets=None, per_stage=(), freeze_base: bool = True, ranks: dict | None = None) -> StagedDUN:
     """Phase 2 of LoRun: a ``lorun`` DUN on a copy of the ``shared`` DUN's denoiser (frozen with
-    ``freeze_base``), its step sizes starting at the shared ones, ``per_stage`` base parameters made per stage.
-    At the start (B = 0, offsets 0) it computes exactly what ``shared`` computes. Adapter A matrices are drawn
-    from torch's global generator: seed it for a reproducible start."""
+    ``freeze_base``), its step sizes starting at the shared ones, ``per_stage`` base parameters made per stage,
+    ``ranks`` per-stage ranks of chosen layers. At the start (B = 0, offsets 0) it computes exactly what ``shared``
+    computes. Adapter A matrices are drawn from torch's global generator: seed it for a reproducible start."""
     model = StagedDUN.lorun_from(shared, rank=rank, gamma=gamma, alpha=alpha, targets=targets,
-                                 freeze_base=freeze_base)
+                                 freeze_base=freeze_base, ranks=ranks)
     base_config = getattr(shared, "config", None)
     backbone, kwargs = _backbone_of(shared.denoisers[0], base_config)
     model.config = ModelConfig(strategy="lorun", num_stages=shared.num_stages, backbone=backbone,
                                backbone_kwargs=kwargs, rank=rank, gamma=gamma, alpha=alpha,
-                               targets=tuple(model.targets), per_stage=tuple(per_stage))
+                               targets=tuple(model.targets), per_stage=tuple(per_stage), ranks=dict(ranks or {}))
     if per_stage:
         make_per_stage(model, per_stage)
     return model

@@ -174,7 +174,8 @@ class TrainConfig:
         kwargs = get_task(self.task_name).backbone_kwargs(self.model.backbone, self.model.backbone_kwargs)
         return dataclasses.replace(self.model, strategy=strategy, backbone_kwargs=kwargs,
                                    rank=self.model.rank if lorun else None, alpha=self.model.alpha if lorun else None,
-                                   per_stage=self.model.per_stage if lorun else ())
+                                   per_stage=self.model.per_stage if lorun else (),
+                                   ranks=self.model.ranks if lorun else {})
 
     def validate(self) -> "TrainConfig":
         def need(ok, message):
@@ -482,7 +483,7 @@ class Trainer:
         with _seeded(cfg.seed, 2):
             m = cfg.model
             lorun = lorun_from(base_of(base), rank=m.rank, gamma=m.gamma, alpha=m.alpha, targets=m.targets,
-                               per_stage=m.per_stage)
+                               per_stage=m.per_stage, ranks=m.ranks)
         if self.rank == 0:
             save_base(lorun, self.run_dir / "base.safetensors", self.task)
         self._install(lorun, 2)

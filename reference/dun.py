@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import warnings
 from fnmatch import fnmatchcase
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -52,19 +52,32 @@ def _replace(module: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def apply_lora(module: nn.Module, num_stages: int, targets: Sequence[str] = ("*",), rank: int | None = None,
-               gamma: float = 10.0, alpha: float | None = None, layer_cls=LoRAConv2d) -> list[str]:
+               gamma: float = 10.0, alpha: float | None = None, layer_cls=LoRAConv2d,
+               ranks: Mapping[str, Sequence[int]] | None = None) -> list[str]:
     """Replace the matching convolutions of ``module`` in place by ``layer_cls(conv, num_stages, ...)``.
 
     A ``rank`` above what a layer's update can have (``min(out, in·kh·kw)``, e.g. 1 for a 1-channel 3×3 tail) is
-    clamped to it for that layer, with a :class:`RankClampWarning` naming the layers. Returns the replaced names; raises if no layer matches, so a
-    mistyped pattern never goes unnoticed.
+    clamped to it for that layer, with a :class:`RankClampWarning` naming the layers. ``ranks`` gives chosen layers
+    (by name) one rank per stage instead (what ``lorun-fast compress`` writes); it must name only matching layers.
+    Returns the replaced names; raises if no layer matches, so a mistyped pattern never goes unnoticed.
     """
     names = find_convolutions(module, targets)
     if not names:
         raise ValueError(f"targets: no Conv2d/ConvTranspose2d of {type(module).__name__} matches {list(targets)}")
+    ranks = dict(ranks or {})
+    unknown = sorted(set(ranks) - set(names))
+    if unknown:
+        raise ValueError(f"ranks: {unknown} are not adapted layers of {type(module).__name__}; expected some of "
+                         f"{names}")
     clamped = []
     for name in names:
         conv = module.get_submodule(name)
+        if name in ranks:
+            try:
+                _replace(module, name, layer_cls(conv, num_stages, rank=list(ranks[name]), gamma=gamma, alpha=alpha))
+            except ValueError as err:
+                raise ValueError(f"ranks[{name!r}]: {err}") from err
+            continue
         limit = max_rank(conv)
         layer_rank = rank
         if rank is not None and not isinstance(rank, bool) and isinstance(rank, int) and rank > limit:
@@ -99,7 +112,8 @@ class DUN(nn.Module):
 
     ``denoiser`` is one module (``block`` copies it K times and re-initialises each copy; ``shared`` and
     ``lorun`` use it once) or, for ``block``, a sequence of K modules used as given. ``lorun`` replaces the
-    convolutions matching ``targets`` with :class:`LoRAConv2d` (rank or the γ rule) and, with ``freeze_base``,
+    convolutions matching ``targets`` with :class:`LoRAConv2d` (rank or the γ rule; ``ranks``: per-stage ranks of
+    chosen layers, see :func:`apply_lora`) and, with ``freeze_base``,
     freezes every parameter of the denoiser outside the adapters. ``step_init`` defaults to the operator's
     ``default_step()``.
     """
@@ -107,7 +121,7 @@ class DUN(nn.Module):
     def __init__(self, operator: Operator, denoiser: nn.Module | Sequence[nn.Module], num_stages: int,
                  strategy: str = "lorun", *, rank: int | None = None, gamma: float = 10.0,
                  alpha: float | None = None, targets: Sequence[str] = ("*",), freeze_base: bool = True,
-                 step_init: float | None = None):
+                 step_init: float | None = None, ranks: Mapping[str, Sequence[int]] | None = None):
         super().__init__()
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
@@ -130,7 +144,8 @@ class DUN(nn.Module):
         self.denoisers = nn.ModuleList(denoisers)
         self.lora_names: list[str] = []
         if strategy == "lorun":
-            self.lora_names = apply_lora(self.denoisers[0], num_stages, self.targets, rank, gamma, alpha)
+            self.lora_names = apply_lora(self.denoisers[0], num_stages, self.targets, rank, gamma, alpha,
+                                         ranks=ranks)
             if freeze_base:
                 self.freeze_base()
         self.collect_adapters()
@@ -141,13 +156,15 @@ class DUN(nn.Module):
 
     @classmethod
     def lorun_from(cls, shared: "DUN", *, rank: int | None = None, gamma: float = 10.0, alpha: float | None = None,
-                   targets: Sequence[str] | None = None, freeze_base: bool = True) -> "DUN":
+                   targets: Sequence[str] | None = None, freeze_base: bool = True,
+                   ranks: Mapping[str, Sequence[int]] | None = None) -> "DUN":
         """Phase 2 of LoRun: a ``lorun`` DUN whose base is a copy of a trained ``shared`` DUN's denoiser and
         whose step sizes start at the shared ones. With B = 0 it computes exactly what ``shared`` computes."""
         if shared.strategy != "shared":
             raise ValueError(f"shared: expected a DUN with strategy 'shared', got {shared.strategy!r}")
         model = cls(copy.deepcopy(shared.operator), copy.deepcopy(shared.denoisers[0]), shared.num_stages, "lorun",
-                    rank=rank, gamma=gamma, alpha=alpha, targets=targets or shared.targets, freeze_base=freeze_base)
+                    rank=rank, gamma=gamma, alpha=alpha, targets=targets or shared.targets, freeze_base=freeze_base,
+                    ranks=ranks)
         # a copy of shared.rho keeps its dtype: copying into the float32 default rounds a float64 step size
         model.rho = nn.Parameter(shared.rho.detach().clone())
         return model.to(shared.rho.device)
@@ -168,7 +185,9 @@ class DUN(nn.Module):
         if self.strategy == "block":
             return self.denoisers[stage]
         for layer in self._lora:
-            layer.active_stage = stage
+            # A plain attribute, written past nn.Module.__setattr__ (about 1 µs per layer and stage, a visible share
+            # of a small DUN's inference on a CPU).
+            layer.__dict__["active_stage"] = stage
         return self.denoisers[0]
 
     def stage(self, x: torch.Tensor, y: torch.Tensor, stage: int) -> torch.Tensor:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["lora_rank", "LoRAConv2d", "check_stage", "check_alpha", "check_rank", "max_rank"]
+__all__ = ["lora_rank", "LoRAConv2d", "check_stage", "check_alpha", "check_rank", "check_ranks", "max_rank"]
 
 
 def lora_rank(in_channels: int, out_channels: int, gamma: float = 10.0) -> int:
@@ -54,6 +55,16 @@ def check_rank(rank, layer: nn.Module) -> int:
     return rank
 
 
+def check_ranks(rank, layer: nn.Module, num_stages: int) -> tuple[int, ...]:
+    """One rank per stage: ``rank`` repeated when it is an int, else the sequence after checking its length and
+    each rank (:func:`check_rank`)."""
+    if isinstance(rank, (list, tuple)):
+        if len(rank) != num_stages:
+            raise ValueError(f"rank: expected one rank per stage ({num_stages}), got {len(rank)}: {list(rank)}")
+        return tuple(check_rank(r, layer) for r in rank)
+    return (check_rank(rank, layer),) * num_stages
+
+
 def check_stage(stage, num_stages: int) -> int:
     """Return ``stage`` as an int after checking it indexes one of ``num_stages`` stages."""
     if isinstance(stage, torch.Tensor) and stage.numel() == 1 and not stage.is_floating_point():
@@ -72,12 +83,14 @@ class LoRAConv2d(nn.Module):
     kernel, stride and padding, to ``rank`` channels, kaiming-uniform with a=√5) followed by ``lora_B[str(k)]``
     (a 1×1 convolution back to the output channels, zero), so every stage starts exactly at the base.
 
-    The rank is ``rank`` when given, else the paper's rule with ``gamma``; ``alpha`` defaults to the rank (s = 1).
+    The rank is ``rank`` when given, else the paper's rule with ``gamma``; ``rank`` may also be a sequence of one
+    rank per stage (what ``lorun-fast compress`` writes), and then ``rank`` the attribute is the largest of them.
+    ``alpha`` defaults to the rank (s = 1); one scale s = alpha / rank serves every stage.
     ``forward(x, stage)`` runs one stage; with ``stage=None`` it runs ``active_stage`` (set by the DUN).
     """
 
-    def __init__(self, base_layer: nn.Module, num_stages: int, rank: int | None = None, gamma: float = 10.0,
-                 alpha: float | None = None):
+    def __init__(self, base_layer: nn.Module, num_stages: int, rank: int | Sequence[int] | None = None,
+                 gamma: float = 10.0, alpha: float | None = None):
         super().__init__()
         if not isinstance(base_layer, (nn.Conv2d, nn.ConvTranspose2d)):
             raise TypeError(f"base_layer: expected nn.Conv2d or nn.ConvTranspose2d, got {type(base_layer).__name__}")
@@ -86,17 +99,18 @@ class LoRAConv2d(nn.Module):
         if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
             raise ValueError(f"num_stages: expected a positive int, got {num_stages!r}")
         cin, cout = base_layer.in_channels, base_layer.out_channels
-        rank = check_rank(lora_rank(cin, cout, gamma) if rank is None else rank, base_layer)
+        ranks = check_ranks(lora_rank(cin, cout, gamma) if rank is None else rank, base_layer, num_stages)
         alpha = check_alpha(alpha)
         self.base_layer = base_layer
         self.num_stages = num_stages
-        self.rank = rank
-        self.alpha = float(rank if alpha is None else alpha)
-        self.scaling = self.alpha / rank
+        self.ranks = ranks
+        self.rank = max(ranks)
+        self.alpha = float(self.rank if alpha is None else alpha)
+        self.scaling = self.alpha / self.rank
         self.transposed = isinstance(base_layer, nn.ConvTranspose2d)
         self.active_stage = 0
 
-        def make_a() -> nn.Module:
+        def make_a(rank: int) -> nn.Module:
             if self.transposed:
                 return nn.ConvTranspose2d(cin, rank, base_layer.kernel_size, base_layer.stride, base_layer.padding,
                                           base_layer.output_padding, bias=False, dilation=base_layer.dilation)
@@ -104,8 +118,8 @@ class LoRAConv2d(nn.Module):
                              base_layer.dilation, bias=False, padding_mode=base_layer.padding_mode)
 
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
-        self.lora_A = nn.ModuleDict({str(k): make_a().to(**factory) for k in range(num_stages)})
-        self.lora_B = nn.ModuleDict({str(k): nn.Conv2d(rank, cout, 1, bias=False).to(**factory)
+        self.lora_A = nn.ModuleDict({str(k): make_a(ranks[k]).to(**factory) for k in range(num_stages)})
+        self.lora_B = nn.ModuleDict({str(k): nn.Conv2d(ranks[k], cout, 1, bias=False).to(**factory)
                                      for k in range(num_stages)})
         self.reset_lora_parameters()
 
@@ -145,8 +159,13 @@ class LoRAConv2d(nn.Module):
         update = self.lora_B[str(stage)](self.lora_A[str(stage)](x))
         return self.base_layer(x) + self.scaling * update
 
+    @property
+    def uniform_rank(self) -> bool:
+        return len(set(self.ranks)) == 1
+
     def extra_repr(self) -> str:
-        return f"num_stages={self.num_stages}, rank={self.rank}, alpha={self.alpha:g}"
+        ranks = f"rank={self.rank}" if self.uniform_rank else f"ranks={list(self.ranks)}"
+        return f"num_stages={self.num_stages}, {ranks}, alpha={self.alpha:g}"
 
 
 def merged_conv(layer: LoRAConv2d, x: torch.Tensor, stage: int, weight: torch.Tensor | None = None) -> torch.Tensor:

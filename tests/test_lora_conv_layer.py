@@ -1,4 +1,6 @@
 """FusedLoRunConv against the reference LoRA convolution, on every backend; the fast LoRun model conversion."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -347,6 +349,55 @@ def test_cache_follows_dtype_changes_and_data_assignment():
         fast.lora_B["1"].weight.data = fast.lora_B["1"].weight.data + 0.5
         reference.lora_B["1"].weight.data = reference.lora_B["1"].weight.data + 0.5
         assert_close_to_reference("y after .data assignment", fast(x, 1), reference(x, 1), "ieee")
+
+
+def test_cache_follows_replaced_parameters_modules_and_parametrizations():
+    """The short inference path trusts a cache entry's tensors until a parameter or module is registered anywhere:
+    load_state_dict(assign=True), a replaced adapter and a parametrization registered after caching must each
+    give a fresh merge, and a parametrized weight is never cached."""
+    from torch.nn.utils import parametrize
+
+    reference, fast, generator = _pair(4, 6, 3, 2, 2, seed=26)
+    x = torch.randn(1, 4, 7, 7, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        fast(x, 1)  # cached
+        state = {k: v + 0.25 for k, v in fast.state_dict().items()}
+        fast.load_state_dict(state, assign=True)
+        reference.load_state_dict(state)
+        _check("after load_state_dict(assign=True)", fast(x, 1), reference(x, 1), "merged")
+        new_b = nn.Conv2d(2, 6, 1, bias=False).double()
+        nn.init.normal_(new_b.weight)
+        fast.lora_B["1"] = new_b
+        reference.lora_B["1"] = copy.deepcopy(new_b)
+        _check("after replacing lora_B['1']", fast(x, 1), reference(x, 1), "merged")
+
+        class Double(nn.Module):
+            def forward(self, weight):
+                return 2 * weight
+
+        parametrize.register_parametrization(fast.base_layer, "weight", Double())
+        parametrize.register_parametrization(reference.base_layer, "weight", Double())
+        _check("after a parametrization", fast(x, 1), reference(x, 1), "merged")
+        fast.base_layer.parametrizations.weight.original.mul_(-1)  # an in-place change behind the parametrization
+        reference.base_layer.parametrizations.weight.original.mul_(-1)
+        _check("after changing the parametrized original", fast(x, 1), reference(x, 1), "merged")
+    assert not any(key[0] == 1 for key in fast._merged_cache), "a parametrized weight was cached"
+
+
+def test_inference_fast_path_covers_transposed_layers():
+    generator = torch.Generator().manual_seed(27)
+    base = nn.ConvTranspose2d(6, 4, 2, stride=2, bias=True).double()
+    reference = LoRAConv2d(base, 2, rank=2)
+    _randomise_adapters(reference, generator)
+    fast = FusedLoRunConv.from_lora(reference, backend="merged")
+    x = torch.randn(2, 6, 5, 3, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        for stage in range(2):
+            first, again = fast(x, stage, relu=True), fast(x, stage, relu=True)
+            assert torch.equal(first, again)
+            _check(f"transposed stage {stage}", first, F.relu(reference(x, stage)), "merged")
+        with pytest.raises(ValueError, match=r"x: expected \(N, 6, H, W\)"):
+            fast(x[0], 1)
 
 
 def test_inference_fast_path_matches_and_refuses_like_the_full_path():
