@@ -1,12 +1,13 @@
 """The command line: ``python -m lorun_fast <command>`` or ``lorun-fast <command>``.
 
-Commands: ``train``, ``eval``, ``restore``, ``describe`` (``--help`` on each). Multi-process training:
+Commands: ``train``, ``eval``, ``restore``, ``describe``, ``compress`` (``--help`` on each). Multi-process training:
 ``torchrun --nproc_per_node N -m lorun_fast train ...``.
 
-Why one module of ~1,300 lines: the four commands share the model-source options (checkpoint, adapters, task,
+Why one module of ~1,400 lines: the commands share the model-source options (checkpoint, adapters, task,
 method), the output-safety checks, the interrupt handling and the error reporting, and most of a command is
 argument checking in terms of its own options; split per command, those shared pieces would be imported back by
-every part. Each command is one section (``# eval``, ``# restore``, ``# describe``, ``# train``, then the parser).
+every part. Each command is one section (``# eval``, ``# restore``, ``# describe``, ``# compress``, ``# train``,
+then the parser).
 """
 from __future__ import annotations
 
@@ -897,6 +898,39 @@ def cmd_describe(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# compress
+# ----------------------------------------------------------------------------------------------------------------
+def cmd_compress(args) -> int:
+    from lorun_fast.io import check_writable_folder
+
+    adapters, out = Path(args.adapters), Path(args.out)
+    if not adapters.is_file():
+        raise CLIError(f"--adapters {adapters}: no such file")
+    if out.suffix != ".safetensors":
+        raise CLIError(f"--out {out}: expected a .safetensors file name for the compressed adapter set")
+    if out.exists() or out.is_symlink():
+        raise CLIError(f"--out {out}: already exists; compress never overwrites a file, name a new one")
+    check_writable_folder(out.parent, f"--out {out}: its folder")
+    _stop_if_interrupted()
+    from lorun_fast.compress import compress_file
+
+    summary = compress_file(adapters, out, energy=args.energy, budget=args.budget)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    before, after = summary["lora_parameters_before"], summary["lora_parameters_after"]
+    print(f"{adapters} → {out}: LoRA parameters {before:,} → {after:,} ({after / before:.1%}); adapter set "
+          f"{summary['adapter_parameters_before']:,} → {summary['adapter_parameters_after']:,} (with step sizes and "
+          f"per-stage parameters)")
+    print(f"smallest energy kept by an adapter {summary['min_energy_kept']:.4f}; ‖ΔW − ΔW'‖_F over all adapters "
+          f"{summary['frobenius_error']:.4g}")
+    width = max(len(name) for name in summary["ranks"])
+    for name, ranks in summary["ranks"].items():
+        print(f"  {name:<{width}}  ranks per stage {ranks}  (was {summary['source_ranks'][name]})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # train
 # ----------------------------------------------------------------------------------------------------------------
 #: train's options → the TrainConfig field each sets (messages speak of options, the config of fields)
@@ -1141,7 +1175,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorun-fast", description="LoRA-unfolding networks for block compressive "
                                      "sensing: train, evaluate, restore, describe. Data is found through LORUN_DATA "
                                      "(default ../shared/data).")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,restore,describe}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,restore,describe,compress}")
     fmt = argparse.ArgumentDefaultsHelpFormatter
     device_help = "cpu, cuda or cuda:N (default: cuda when available)"
 
@@ -1294,6 +1328,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(ds, train=False)
     ds.add_argument("--json", action="store_true", help="print JSON")
     ds.set_defaults(func=cmd_describe)
+
+    # -- compress ------------------------------------------------------------------------------------------------
+    cp = commands.add_parser("compress", help="adaptive rank: truncate an adapter set by SVD, per layer and stage",
+                             formatter_class=fmt,
+                             description="Per layer and stage, the SVD of the update s·B_k·A_k truncated to the "
+                             "smallest rank that keeps --energy of its squared Frobenius norm, or a global "
+                             "--budget of LoRA parameters spent greedily by squared singular value per parameter. "
+                             "Writes a new adapter set for the same base with per-layer-per-stage ranks.")
+    cp.add_argument("--adapters", required=True, help="the adapters-<name>.safetensors set to compress")
+    cp.add_argument("--out", required=True, help="the compressed adapter set to write (.safetensors, a new file)")
+    amount = cp.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--energy", type=_number(float, 0, 1, low_open=True),
+                        help="fraction of each update's energy (Σσ²) to keep, in (0, 1]")
+    amount.add_argument("--budget", type=_positive(int), help="total LoRA parameters (A and B of every layer and "
+                        "stage; at least rank 1 everywhere)")
+    cp.add_argument("--json", action="store_true", help="print the summary as JSON")
+    cp.set_defaults(func=cmd_compress)
     return parser
 
 
