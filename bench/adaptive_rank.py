@@ -41,7 +41,7 @@ def _evaluate(label: str, setting: str, base: Path, adapters: Path, images: Path
     psnr, ssim = mean_scores(evaluate_folder(model, images))
     counts = model.parameter_counts()
     ranks = [layer.ranks for layer in lora_layers(model)]
-    row = {"run": label, "setting": setting, "adapters": str(adapters), "psnr": psnr, "ssim": ssim,
+    row = {"run": label, "setting": setting, "adapters": adapters.name, "psnr": psnr, "ssim": ssim,
            "lora_parameters": _lora_parameters(adapters),
            "adapter_parameters": counts["trainable"],
            "mean_rank": sum(map(sum, ranks)) / sum(map(len, ranks)),
@@ -74,17 +74,18 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     for run in dict.fromkeys(r["run"] for r in rows):
         mine = sorted((r for r in rows if r["run"] == run and r["setting"].startswith(("energy", "trained"))),
                       key=lambda r: r["lora_parameters"])
-        ax.plot([r["lora_parameters"] for r in mine], [r["psnr"] for r in mine], "o-", label=f"{run}: energy sweep")
+        (line,) = ax.plot([r["lora_parameters"] for r in mine], [r["psnr"] for r in mine], "o-",
+                          label=f"{run}: energy sweep")
         trained = [r for r in mine if r["setting"] == "trained"]
         ax.plot([r["lora_parameters"] for r in trained], [r["psnr"] for r in trained], "k*", markersize=12)
         budget = [r for r in rows if r["run"] == run and r["setting"].startswith("budget")]
         if budget:
             ax.plot([r["lora_parameters"] for r in budget], [r["psnr"] for r in budget], "s",
-                    label=f"{run}: budget")
+                    color=line.get_color(), markerfacecolor="none", markersize=8, label=f"{run}: budget")
     ax.set_xscale("log")
     ax.set_xlabel("LoRA parameters (A and B, all layers and stages)")
     ax.set_ylabel("mean PSNR (dB)")
-    ax.set_title(title)
+    ax.set_title(title + " (★ as trained)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
