@@ -63,6 +63,7 @@ CS_RATIOS = (0.01, 0.04, 0.10, 0.25, 0.30, 0.40, 0.50)
 CS_BLOCK = 33
 CS_HW = 256
 CS_BATCHES = (1, 16)
+CS_INDEXED_MS = (109, 272, 436)     # 10%, 25%, 40% of 1089 in one batch
 GD_PRECISIONS = ("tf32", "bf16")
 CASSI_BANDS, CASSI_STEP, CASSI_HW = 28, 2, 256
 SR_SCALES, SR_KSIZE, SR_CHANNELS, SR_HW = (2, 4), 7, 3, 256
@@ -95,7 +96,8 @@ def _conv_case_name(c, k, nb, prec, variant):
 
 
 def conv_cases(channels=CONV_CHANNELS, ksizes=(3, 1), batches=CONV_BATCHES, precisions=CONV_PRECISIONS,
-               variants=("fwd", "fwd-epilogue", "bwd", "bwd-relu", "fwd-v1", "bwd-v1")):
+               variants=("fwd", "fwd-epilogue", "bwd", "bwd-relu", "fwd-v1", "bwd-v1", "fwd-indexed",
+                         "bwd-indexed")):
     out = []
     for c in channels:
         for k in ksizes:
@@ -120,6 +122,21 @@ def cs_cases(ratios=CS_RATIOS, precisions=GD_PRECISIONS, algorithms=("two_gemm",
     return out
 
 
+def cs_indexed_cases(measurements=CS_INDEXED_MS, precisions=GD_PRECISIONS, algorithms=("two_gemm", "one_gemm"),
+                     passes=("fwd", "bwd"), batches=(16,)):
+    """The CS step with a Φ per sample (``gd_step_cs_indexed``): the same three kernels with INDEXED set, over a
+    batch that mixes the given m's (one Φ per ratio; batch 16: the training batches that mix ratios)."""
+    out = []
+    ms = "/".join(str(m) for m in measurements)
+    for prec in precisions:
+        for alg in algorithms:
+            for p in passes:
+                for nb in batches:
+                    name = f"indexed {alg} m{ms} {CS_HW}² N{nb} {prec} {p}"
+                    out.append(Case("cs_indexed", name, (measurements, prec, alg, p, nb), prec, True))
+    return out
+
+
 def cassi_cases(precisions=("fp32", "bf16"), passes=("fwd", "bwd"), batches=GD_BATCHES):
     return [Case("cassi", f"{CASSI_HW}²×{CASSI_BANDS} N{nb} {prec} {p}", (prec, p, nb), prec, True)
             for prec in precisions for p in passes for nb in batches]
@@ -138,20 +155,23 @@ def bicubic_cases(scales=(2, 3, 4), precisions=("fp32", "bf16"), passes=("fwd", 
 
 
 def full_cases():
-    return conv_cases() + cs_cases() + cassi_cases() + sr_cases() + bicubic_cases()
+    return conv_cases() + cs_cases() + cs_indexed_cases() + cassi_cases() + sr_cases() + bicubic_cases()
 
 
 def quick_cases():
     """A representative subset: every kernel, both dot precisions that layers use by default, the precision-sensitive
-    ieee path of the conv, the CS sizes where register and shared-memory pressure peak (m = 272, 436, 545)."""
+    ieee path of the conv, the CS sizes where register and shared-memory pressure peak (m = 272, 436, 545), and the
+    CS step with a Φ per sample (both algorithms forward, the two-GEMM backward)."""
     return (conv_cases(channels=(32,), ksizes=(3,), batches=(8,), precisions=("tf32", "bf16"),
-                       variants=("fwd", "bwd-relu", "fwd-v1", "bwd-v1"))
+                       variants=("fwd", "bwd-relu", "fwd-v1", "bwd-v1", "fwd-indexed", "bwd-indexed"))
             + conv_cases(channels=(32,), ksizes=(3,), batches=(8,), precisions=("ieee",), variants=("fwd", "fwd-v1"))
             + cs_cases(ratios=(0.25,), algorithms=("two_gemm",), batches=(16,))
             + cs_cases(ratios=(0.25,), precisions=("bf16",), algorithms=("two_gemm",), passes=("bwd",), batches=(1,))
             + cs_cases(ratios=(0.40,), precisions=("bf16",), algorithms=("two_gemm",), passes=("fwd",), batches=(16,))
             + cs_cases(ratios=(0.50,), precisions=("tf32",), algorithms=("one_gemm",), passes=("fwd",),
                        batches=(16,))
+            + cs_indexed_cases(precisions=("tf32",), algorithms=("two_gemm", "one_gemm"), passes=("fwd",))
+            + cs_indexed_cases(precisions=("bf16",), algorithms=("two_gemm",), passes=("bwd",))
             + cassi_cases(precisions=("fp32",), passes=("fwd",), batches=(16,))
             + sr_cases(scales=(2,), precisions=("fp32",), passes=("fwd", "bwd"), batches=(16,))
             + bicubic_cases(scales=(4,), precisions=("fp32",), passes=("fwd", "bwd"), batches=(16,)))
@@ -189,6 +209,21 @@ def _gen_conv(c, k, nb, prec, variant):
         elif variant == "fwd-epilogue":
             # The residual block's second conv: bias, ReLU, out_scale, residual, and the saved ReLU mask.
             lc.lora_conv2d_forward(x, w, a, b, 1.0, bias, torch.empty_like(x), True, 0.5, p, write_mask=True)
+        elif variant == "fwd-indexed":
+            # A per-sample adapter index (HAS_WIDX): three adapters of different ranks stacked, with the epilogue.
+            adapters = [(torch.empty(r, c, k, k, **meta), torch.empty(c, r, 1, 1, **meta)) for r in (rank, 1, 2)]
+            index = torch.empty(nb, device="meta", dtype=torch.int64)
+            lc.lora_conv2d_indexed_forward(x, w, [a for a, _ in adapters], [b for _, b in adapters], 1.0, index, bias,
+                                           torch.empty_like(x), True, 0.5, p, write_mask=True)
+        elif variant == "bwd-indexed":
+            # Its dx pass: the indexed kernel reading out_scale·G·[y > 0]. (dW runs the kernel of "bwd-relu" on the
+            # samples of each adapter, which needs the index's values: not available on meta tensors.)
+            adapters = [(torch.empty(r, c, k, k, **meta), torch.empty(c, r, 1, 1, **meta)) for r in (rank, 1, 2)]
+            index = torch.empty(nb, device="meta", dtype=torch.int64)
+            g = torch.empty_like(x)
+            lc.lora_conv2d_indexed_backward(g, x, w, [a for a, _ in adapters], [b for _, b in adapters], index,
+                                            torch.empty_like(x), 1.0, True, True, 0.5, p, need_x=True, need_w=False,
+                                            need_a=False, need_b=False, need_bias=False)
         elif variant == "bwd-relu":
             # The residual block's first conv in training: ReLU mask from the saved output, dbias with dW (v2
             # forms out_scale·G·[y > 0] inside the dx and dW kernels).
@@ -218,6 +253,26 @@ def _gen_cs(m, prec, alg, pas, nb):
     else:
         r = torch.empty(nb, 1, hb, hb, m, device="meta", dtype=torch.float32)
         gd.cs_backward(x, phi, rho, r, CS_BLOCK, alg, p, True, True, True)
+
+
+def _gen_cs_indexed(ms, prec, alg, pas, nb):
+    import torch
+    from lorun_fast.kernels import gd_step_cs as gd
+    dt = _dtype(prec)
+    n = CS_BLOCK * CS_BLOCK
+    hb = -(-CS_HW // CS_BLOCK)
+    x = torch.empty(nb, 1, CS_HW, CS_HW, device="meta", dtype=dt)
+    y = torch.empty(nb, 1, hb, hb, max(ms), device="meta", dtype=dt)
+    phis = [torch.empty(m, n, device="meta", dtype=torch.float32) for m in ms]
+    index = torch.empty(nb, device="meta", dtype=torch.int64)
+    rho = torch.empty(nb, device="meta", dtype=dt)   # a step per sample
+    gd.clear_cache()
+    p = _fp32_precision(prec)
+    if pas == "fwd":
+        gd.cs_indexed_forward(x, y, phis, index, rho, CS_BLOCK, alg, p, save_residual=False)
+    else:
+        r = torch.empty(nb, 1, hb, hb, max(ms), device="meta", dtype=torch.float32)
+        gd.cs_indexed_backward(x, phis, index, rho, r, CS_BLOCK, alg, p, True, True, True)
 
 
 def _gen_cassi(prec, pas, nb):
@@ -266,8 +321,8 @@ def _gen_bicubic(s, prec, pas, nb):
         gb.bicubic_backward(x, rho, r, s, True, True, True)
 
 
-GENERATORS: dict[str, Callable] = {"conv": _gen_conv, "cs": _gen_cs, "cassi": _gen_cassi, "sr": _gen_sr,
-                                   "bicubic": _gen_bicubic}
+GENERATORS: dict[str, Callable] = {"conv": _gen_conv, "cs": _gen_cs, "cs_indexed": _gen_cs_indexed,
+                                   "cassi": _gen_cassi, "sr": _gen_sr, "bicubic": _gen_bicubic}
 KERNEL_MODULES = ("lorun_fast.kernels.lora_conv", "lorun_fast.kernels.gd_step_cs", "lorun_fast.kernels.gd_step_cassi",
                   "lorun_fast.kernels.gd_step_sr", "lorun_fast.kernels.gd_step_bicubic")
 
@@ -758,7 +813,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="worker processes (each compile is single-threaded)")
-    ap.add_argument("--family", default=None, help="only these case families (conv,cs,cassi,sr,bicubic)")
+    ap.add_argument("--family", default=None,
+                    help="only these case families (conv,cs,cs_indexed,cassi,sr,bicubic)")
     ap.add_argument("--match", default=None, help="only cases whose name contains this text")
     ap.add_argument("--list", action="store_true", help="list the cases and their kept configs; compile nothing")
     args = ap.parse_args(argv)

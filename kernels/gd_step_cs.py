@@ -18,13 +18,23 @@ from the image layout (no unfold/fold copies); the n tail (1089 → 1152) and th
 ``"auto"`` picks ``two_gemm`` when m < n/2 (fewer FLOPs), else ``one_gemm``. The padded Φ, Φᵀ and G are cached
 per Φ (keyed on data_ptr, version, device, dtype).
 
+``gd_step_cs_indexed``: a Φ_g (m_g rows, which may differ) and a ρ per sample, g = index[n], the batch in one
+launch per pass of the same kernels (``INDEXED``). Each image gets ⌈C·Hb·Wb / BLOCK_M⌉ block tiles of its own, so
+that a program reads one Φ number and one ρ and its GEMM B operand is one matrix of a stack of the G Φ's (and G's),
+each zero-padded to the largest m; the stacks are cached per list of Φ's (the same keys, per Φ). y has m_max =
+max m_g entries per block: those past an image's m_g are masked out (never read), its r is 0 there, and the
+two-GEMM path skips the measurement tiles past m_g. ``"auto"`` decides on m_max.
+
 Backward (``GDStepCSFunction``): ``dx = G − ρ·AᵀA G``, ``dy = ρ·A G``, ``dρ = −⟨A G, A x − y⟩``, by the same kernels
 on G (``gd_step_common``). Precision: float32 (dots in "ieee", "tf32" or "tf32x3"), bfloat16 and float16 inputs,
 fp32 accumulation; the launch functions, checks and the NaN-poisoning test switch are ``gd_step_common``'s.
+
+Why one module of ~1,100 lines: the single-Φ and the per-sample-Φ steps are the same three kernels (``INDEXED``
+off or on) with one launcher and one set of checks; split, each half would import the other's kernels back.
 """
 import weakref
 from collections import OrderedDict
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -35,10 +45,12 @@ from lorun_fast.kernels.gd_step_common import (_INTERPRET, _args, _as_rho, _back
                                                _check_y, _empty, _finish_backward, _mark_residual, _nothing,
                                                _tuning)
 from lorun_fast.kernels.mma import _mma
-from lorun_fast.kernels.settings import INPUT_PRECISIONS, device_limits, dot_precision
+from lorun_fast.kernels.settings import (INPUT_PRECISIONS, check_index_range, check_sample_index, device_limits,
+                                         dot_precision)
 
-__all__ = ["gd_step_cs", "GDStepCSFunction", "cs_forward", "cs_backward", "resolve_cs_algorithm", "clear_cache",
-           "ALGORITHMS", "INPUT_PRECISIONS"]
+__all__ = ["gd_step_cs", "gd_step_cs_indexed", "GDStepCSFunction", "cs_forward", "cs_backward",
+           "cs_indexed_forward", "cs_indexed_backward", "resolve_cs_algorithm", "clear_cache", "ALGORITHMS",
+           "INPUT_PRECISIONS"]
 
 ALGORITHMS = ("auto", "one_gemm", "two_gemm")
 
@@ -113,14 +125,15 @@ _CS1_CONFIGS = _tuning(
 
 
 def _block_rows_max(nblk):
-    # Tiles much taller than the number of blocks only compute masked rows.
+    # Tiles much taller than the number of blocks (of the batch, or of one image when each image has tiles of its
+    # own: the launchers pass that as BPI) only compute masked rows.
     return max(16, triton.next_power_of_2(int(nblk)))
 
 
 def _prune_csr(configs, named_args, **kwargs):
     a = _args(named_args, kwargs)
     m = int(a["M"])
-    bm_max = _block_rows_max(a["NBLK"])
+    bm_max = _block_rows_max(a["BPI"])
     # The measurement tiles cover ⌈m / BLOCK_P⌉·BLOCK_P columns: keep the widths that waste at most 32 columns
     # beyond the 16-aligned minimum (m = 272: 16 and 32 wide, not 64 = 320 or 128 = 384).
     least = -(-m // 16) * 16
@@ -149,7 +162,7 @@ def _cs_update_smem(c, ksplit: int, esize: int, write_z: bool, capability) -> in
 
 def _prune_csz(configs, named_args, **kwargs):
     a = _args(named_args, kwargs)
-    bm_max = _block_rows_max(a["NBLK"])
+    bm_max = _block_rows_max(a["BPI"])
     capability, smem_limit = device_limits(a["x_ptr"].device)
     esize = a["phi_ptr"].element_size()
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= bm_max
@@ -162,7 +175,7 @@ def _prune_csz(configs, named_args, **kwargs):
 
 def _prune_cs1(configs, named_args, **kwargs):
     a = _args(named_args, kwargs)
-    bm_max = _block_rows_max(a["NBLK"])
+    bm_max = _block_rows_max(a["BPI"])
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= bm_max]
     return kept or configs[-1:]
 
@@ -172,12 +185,35 @@ def _prune_cs1(configs, named_args, **kwargs):
 # --------------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _cs_blocks(pid, NBLK, H, W, HB, WB, BS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The BLOCK_M blocks of program ``pid``: block index, int64 offset of the block's image plane, int32 offset
-    of its top-left pixel inside the plane, and how many of its rows / columns lie inside the image (0 for block
-    indices past NBLK, so that one comparison masks the image border, the n tail and the block tail)."""
-    offs_b = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    b_ok = offs_b < NBLK
+def _cs_tile(pid, NBLK, BPI, M, index_ptr, ms_ptr, BLOCK_M: tl.constexpr, INDEXED: tl.constexpr):
+    """The BLOCK_M blocks of program ``pid``: ``(block indices, their mask, image n, Φ number g, m_g)``.
+
+    Without INDEXED the tiles run through the whole batch (tile i: blocks [i·BLOCK_M, (i+1)·BLOCK_M) of NBLK) and
+    one Φ serves every block: n = g = 0, m_g = M. With INDEXED every image has ⌈BPI / BLOCK_M⌉ tiles of its own
+    (a tile never straddles two images), so the program reads one Φ number ``g = index[n]`` and one
+    ``m_g = ms[g]``: its GEMM B operand is that one Φ."""
+    if INDEXED:
+        tiles = (BPI + BLOCK_M - 1) // BLOCK_M
+        img = pid // tiles
+        local = (pid % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_b = img * BPI + local
+        b_ok = local < BPI
+        gi = tl.load(index_ptr + img)
+        mg = tl.load(ms_ptr + gi)
+    else:
+        img = 0
+        gi = 0
+        mg = M
+        offs_b = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        b_ok = offs_b < NBLK
+    return offs_b, b_ok, img, gi, mg
+
+
+@triton.jit
+def _cs_blocks(offs_b, b_ok, H, W, HB, WB, BS: tl.constexpr):
+    """Of the blocks ``offs_b`` (mask ``b_ok``, from ``_cs_tile``): int64 offset of each block's image plane, int32
+    offset of its top-left pixel inside the plane, and how many of its rows / columns lie inside the image (0 for
+    masked blocks, so that one comparison masks the image border, the n tail and the block tail)."""
     plane = offs_b // (HB * WB)
     rem = offs_b % (HB * WB)
     row0 = (rem // WB) * BS
@@ -186,7 +222,7 @@ def _cs_blocks(pid, NBLK, H, W, HB, WB, BS: tl.constexpr, BLOCK_M: tl.constexpr)
     blk_off = row0 * W + col0
     rows_in = tl.where(b_ok, tl.minimum(H - row0, BS), 0)
     cols_in = tl.where(b_ok, tl.minimum(W - col0, BS), 0)
-    return offs_b, b_ok, plane_off, blk_off, rows_in, cols_in
+    return plane_off, blk_off, rows_in, cols_in
 
 
 @triton.jit
@@ -197,38 +233,46 @@ def _cs_pixels(k, W, BS: tl.constexpr):
     return ki, kj, ki * W + kj
 
 
-@triton.autotune(configs=_CSR_CONFIGS, key=["NBLK", "M", "PS", "KSPLIT", "HAS_Y", "INPUT_PRECISION"],
+@triton.autotune(configs=_CSR_CONFIGS,
+                 key=["NBLK", "BPI", "M", "PS", "KSPLIT", "HAS_Y", "INDEXED", "INPUT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_csr})
 @triton.jit
 def _cs_residual_kernel(
-    x_ptr, y_ptr, phit_ptr, part_ptr,
-    NBLK, H, W, HB, WB, M, PS,
+    x_ptr, y_ptr, phit_ptr, part_ptr, index_ptr, ms_ptr,
+    NBLK, BPI, H, W, HB, WB, M, PS,
     BS: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, KSPLIT: tl.constexpr,
-    HAS_Y: tl.constexpr,
+    HAS_Y: tl.constexpr, INDEXED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """First GEMM of the two-GEMM CS step: ``part[s] = x_b Φᵀ`` over the s-th of KSPLIT pixel ranges, minus y in
     range 0, so that ``r = A x − y = Σ_s part[s]`` (summed in order s = 0, 1, … by the consumer).
 
-    Grid: (⌈NBLK / BLOCK_M⌉, ⌈M / BLOCK_P⌉, KSPLIT). Program (i, j, s) owns blocks [i·BLOCK_M, (i+1)·BLOCK_M),
-    measurements [j·BLOCK_P, (j+1)·BLOCK_P) and pixels [s·NP/KSPLIT, (s+1)·NP/KSPLIT) (block index =
-    (plane·HB + bh)·WB + bw, plane = n·C + c). Every element of ``part`` (in-range blocks and measurements) is written
-    by exactly one program, each a fixed-order K loop: no atomics, the result does not depend on scheduling.
+    Grid: (T, ⌈M / BLOCK_P⌉, KSPLIT) with T block tiles (``_cs_tile``: ⌈NBLK / BLOCK_M⌉, or N·⌈BPI / BLOCK_M⌉ with
+    INDEXED). Program (i, j, s) owns tile i's blocks, measurements [j·BLOCK_P, (j+1)·BLOCK_P) and pixels
+    [s·NP/KSPLIT, (s+1)·NP/KSPLIT) (block index = (plane·HB + bh)·WB + bw, plane = n·C + c). Every element of
+    ``part`` (in-range blocks and measurements) is written by exactly one program, each a fixed-order K loop: no
+    atomics, the result does not depend on scheduling. With INDEXED, measurements from m_g on are written as 0.
 
     Args:
         x_ptr: image (N·C planes of H × W), contiguous; pixels of a block beyond H or W read as zero.
-        y_ptr: measurements (NBLK, M), contiguous (the (N, C, HB, WB, M) layout). Ignored unless ``HAS_Y``.
-        phit_ptr: Φᵀ zero-padded to (NP, MP), contiguous, in the compute dtype (x's dtype).
+        y_ptr: measurements (NBLK, M), contiguous (the (N, C, HB, WB, M) layout). Ignored unless ``HAS_Y``; with
+            INDEXED only the first m_g of each block's M are read.
+        phit_ptr: Φᵀ zero-padded to (NP, MP), contiguous, in the compute dtype (x's dtype); with INDEXED the
+            G matrices Φ_gᵀ stacked (G, NP, MP), each zero beyond its m_g columns.
         part_ptr: fp32 (KSPLIT, NBLK, PS) with row stride PS ≥ M; with KSPLIT = 1 and PS = M this is r itself.
-        NBLK: number of blocks N·C·HB·WB; H, W: image size (H·W < 2³¹: in-plane offsets are int32);
-        HB, WB: blocks per column / row; M: measurements per block (rows of Φ).
+        index_ptr: int64 (N,): the Φ number g of each image, in [0, G). Read only if ``INDEXED``.
+        ms_ptr: int32 (G,): m_g, the rows of each Φ_g (≤ M). Read only if ``INDEXED``.
+        NBLK: number of blocks N·C·HB·WB; BPI: blocks per image C·HB·WB (the tiling unit with INDEXED);
+        H, W: image size (H·W < 2³¹: in-plane offsets are int32);
+        HB, WB: blocks per column / row; M: measurements per block (rows of Φ; with INDEXED the largest m_g).
         PS: row stride of ``part`` (a multiple of 16 for scratch buffers: aligned rows let the consumer's KSPLIT
             loads per element vectorise instead of each needing its own address registers).
         BS: block side (33); the block's pixel k is (k // BS, k % BS), row-major as in the reference.
         NP: n = BS² rounded up to a multiple of 128; MP: m rounded up to a multiple of 128 (Φᵀ's padded width).
         KSPLIT: pixel ranges the reduction is split into (divides NP / 128, so every range is whole 128-chunks).
         HAS_Y: subtract y (false for the backward, which applies the step to G with y = 0).
+        INDEXED: a Φ per image (``index_ptr``, ``ms_ptr``); otherwise one Φ for the whole batch.
         INPUT_PRECISION: tl.dot precision for float32 operands ("ieee", "tf32", "tf32x3").
         UPCAST: multiply in float32 (interpreter + bfloat16 only, see ``_mma``).
         BLOCK_M: blocks per program; BLOCK_P: measurements per program; BLOCK_K: pixel chunk of the K loop.
@@ -236,15 +280,22 @@ def _cs_residual_kernel(
     pid = tl.program_id(0)
     pid_p = tl.program_id(1)
     pid_s = tl.program_id(2)
-    offs_b, b_ok, plane_off, blk_off, rows_in, cols_in = _cs_blocks(pid, NBLK, H, W, HB, WB, BS, BLOCK_M)
+    offs_b, b_ok, img, gi, mg = _cs_tile(pid, NBLK, BPI, M, index_ptr, ms_ptr, BLOCK_M, INDEXED)
+    plane_off, blk_off, rows_in, cols_in = _cs_blocks(offs_b, b_ok, H, W, HB, WB, BS)
     # Addresses: an int64 plane base per block (1-D) plus int32 in-plane offsets (2-D).
     x_blk = x_ptr + plane_off
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < M
     offs_k = tl.arange(0, BLOCK_K)
+    k_lo = pid_s * (NP // KSPLIT)
+    k_hi = k_lo + NP // KSPLIT
+    if INDEXED:
+        phit_ptr += gi * (NP * MP)
+        # A measurement tile wholly at or past m_g meets only Φ_gᵀ's zero columns: its product is 0, skip it.
+        k_hi = tl.where(pid_p * BLOCK_P < mg, k_hi, k_lo)
 
     acc = tl.full((BLOCK_M, BLOCK_P), 0.0, tl.float32)
-    for k0 in range(pid_s * (NP // KSPLIT), (pid_s + 1) * (NP // KSPLIT), BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + offs_k
         ki, kj, k_off = _cs_pixels(k, W, BS)
         # Rows beyond the block (k ≥ BS², the pad to NP) or the image, columns beyond the image: zero padding.
@@ -260,50 +311,62 @@ def _cs_residual_kernel(
         # y goes into range 0 only. A vector condition, not a scalar: the interpreter turns `bool tensor & bool
         # scalar` into int32, which it then rejects as a mask.
         first = (offs_p * 0 + pid_s) == 0
-        yv = tl.load(y_ptr + m_row[:, None] + offs_p[None, :], mask=out_ok & first[None, :], other=0.0)
+        y_ok = out_ok & first[None, :]
+        if INDEXED:
+            # What lies past m_g in y is not this image's measurement (it may hold anything, NaN included).
+            y_ok = y_ok & (offs_p < mg)[None, :]
+        yv = tl.load(y_ptr + m_row[:, None] + offs_p[None, :], mask=y_ok, other=0.0)
         acc = acc - yv.to(tl.float32)
     part_row = (pid_s * NBLK + offs_b).to(tl.int64) * PS
     tl.store(part_ptr + part_row[:, None] + offs_p[None, :], acc, mask=out_ok)
 
 
 @triton.autotune(configs=_CSZ_CONFIGS,
-                 key=["NBLK", "M", "PS", "KSPLIT", "WRITE_Z", "WRITE_R", "PARTIAL", "INPUT_PRECISION"],
+                 key=["NBLK", "BPI", "M", "PS", "KSPLIT", "WRITE_Z", "WRITE_R", "PARTIAL", "INDEXED",
+                      "INPUT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_csz})
 @triton.jit
 def _cs_update_kernel(
-    x_ptr, part_ptr, phi_ptr, rho_ptr, z_ptr, r_ptr, rs_ptr, dot_ptr,
-    NBLK, H, W, HB, WB, M, PS,
-    BS: tl.constexpr, NP: tl.constexpr, KSPLIT: tl.constexpr,
-    WRITE_Z: tl.constexpr, WRITE_R: tl.constexpr, PARTIAL: tl.constexpr,
+    x_ptr, part_ptr, phi_ptr, rho_ptr, z_ptr, r_ptr, rs_ptr, dot_ptr, index_ptr, ms_ptr,
+    NBLK, BPI, H, W, HB, WB, M, PS, RHO_STRIDE,
+    BS: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, KSPLIT: tl.constexpr,
+    WRITE_Z: tl.constexpr, WRITE_R: tl.constexpr, PARTIAL: tl.constexpr, INDEXED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     """Second GEMM of the two-GEMM CS step: ``z_b = x_b − ρ·r Φ`` with ``r = Σ_s part[s]`` (s in order).
 
-    Grid: (⌈NBLK / BLOCK_M⌉, NP / BLOCK_N if WRITE_Z else 1). Program (i, j) owns blocks [i·BLOCK_M, (i+1)·BLOCK_M)
-    and block pixels [j·BLOCK_N, (j+1)·BLOCK_N); its K loop walks the measurements in BLOCK_Q chunks, forming each
-    chunk of r from the partial sums (fixed order) as the GEMM's A operand, so r never has to fit in registers
-    whole. Programs with j = 0 first make a separate pass over r that writes it (``WRITE_R``) and the per-block
-    ``Σ_p r·rs`` (``PARTIAL``): kept out of the GEMM loop, those stores and loads cost it no registers.
+    Grid: (T, NP / BLOCK_N if WRITE_Z else 1), T block tiles as in ``_cs_residual_kernel``. Program (i, j) owns tile
+    i's blocks and block pixels [j·BLOCK_N, (j+1)·BLOCK_N); its K loop walks the measurements (the first m_g with
+    INDEXED: Φ_g is zero beyond) in BLOCK_Q chunks, forming each chunk of r from the partial sums (fixed order) as
+    the GEMM's A operand, so r never has to fit in registers whole. Programs with j = 0 first make a separate pass
+    over r that writes it (``WRITE_R``) and the per-block ``Σ_p r·rs`` (``PARTIAL``): kept out of the GEMM loop,
+    those stores and loads cost it no registers.
 
     Args:
         x_ptr: image, contiguous like x of ``_cs_residual_kernel``. Read only if ``WRITE_Z``.
         part_ptr: fp32 (KSPLIT, NBLK, PS) with row stride PS, from ``_cs_residual_kernel``.
-        phi_ptr: Φ zero-padded to (MP, NP), contiguous, in the compute dtype (MP ≥ ⌈M / BLOCK_Q⌉·BLOCK_Q).
-        rho_ptr: the step ρ, one element of any float dtype (read as fp32; a pointer, so no host sync).
+        phi_ptr: Φ zero-padded to (MP, NP), contiguous, in the compute dtype (MP ≥ ⌈M / BLOCK_Q⌉·BLOCK_Q); with
+            INDEXED the G matrices Φ_g stacked (G, MP, NP), each zero beyond its m_g rows.
+        rho_ptr: the step ρ, one element of any float dtype (read as fp32; a pointer, so no host sync); with
+            INDEXED image n's step is ``rho_ptr[n·RHO_STRIDE]``.
         z_ptr: output image, contiguous like x; only pixels inside the image are written. Ignored unless
             ``WRITE_Z``.
         r_ptr: fp32 (NBLK, M) contiguous: r. Written only if ``WRITE_R``.
         rs_ptr: fp32 (NBLK, M) contiguous: a saved residual. Read only if ``PARTIAL``.
         dot_ptr: fp32 (NBLK,): ``dot[b] = Σ_p r[b, p]·rs[b, p]``. Written only if ``PARTIAL``.
-        NBLK, H, W, HB, WB, M, PS, BS, NP: as in ``_cs_residual_kernel``; KSPLIT: number of partial sums.
+        index_ptr, ms_ptr: as in ``_cs_residual_kernel`` (read only if ``INDEXED``).
+        NBLK, BPI, H, W, HB, WB, M, PS, BS, NP, MP: as in ``_cs_residual_kernel``; KSPLIT: number of partial sums.
+        RHO_STRIDE: element stride of the per-image steps (0: one ρ for all). Used only if ``INDEXED``.
         WRITE_Z, WRITE_R, PARTIAL: which outputs to produce.
+        INDEXED: a Φ and a ρ per image; otherwise one of each for the whole batch.
         INPUT_PRECISION, UPCAST: as in ``_mma``.
         BLOCK_M: blocks per program; BLOCK_N: block pixels per program; BLOCK_Q: measurement chunk of the K loop.
     """
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_b, b_ok, plane_off, blk_off, rows_in, cols_in = _cs_blocks(pid, NBLK, H, W, HB, WB, BS, BLOCK_M)
+    offs_b, b_ok, img, gi, mg = _cs_tile(pid, NBLK, BPI, M, index_ptr, ms_ptr, BLOCK_M, INDEXED)
+    plane_off, blk_off, rows_in, cols_in = _cs_blocks(offs_b, b_ok, H, W, HB, WB, BS)
     offs_q = tl.arange(0, BLOCK_Q)
 
     if WRITE_R or PARTIAL:
@@ -326,9 +389,12 @@ def _cs_update_kernel(
                 tl.store(dot_ptr + offs_b, dot, mask=b_ok)
 
     if WRITE_Z:
+        if INDEXED:
+            phi_ptr += gi * (MP * NP)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-        for q0 in range(0, M, BLOCK_Q):
+        # Up to m_g (= M without INDEXED): past it r and Φ_g's rows are zero.
+        for q0 in range(0, mg, BLOCK_Q):
             q = q0 + offs_q
             q_ok = b_ok[:, None] & (q < M)[None, :]
             rq = tl.full((BLOCK_M, BLOCK_Q), 0.0, tl.float32)
@@ -337,7 +403,10 @@ def _cs_update_kernel(
                 rq += tl.load(part_ptr + p_row[:, None] + q[None, :], mask=q_ok, other=0.0)
             ph = tl.load(phi_ptr + q[:, None] * NP + n[None, :])
             acc = _mma(rq.to(phi_ptr.dtype.element_ty), ph, acc, INPUT_PRECISION, UPCAST)
-        rho = tl.load(rho_ptr).to(tl.float32)
+        if INDEXED:
+            rho = tl.load(rho_ptr + img * RHO_STRIDE).to(tl.float32)
+        else:
+            rho = tl.load(rho_ptr).to(tl.float32)
         ni, nj, n_off = _cs_pixels(n, W, BS)
         ok = (ni[None, :] < rows_in[:, None]) & (nj[None, :] < cols_in[:, None])
         off = blk_off[:, None] + n_off[None, :]
@@ -346,42 +415,52 @@ def _cs_update_kernel(
         tl.store((z_ptr + plane_off)[:, None] + off, z.to(z_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.autotune(configs=_CS1_CONFIGS, key=["NBLK", "M", "HAS_Y", "INPUT_PRECISION"],
+@triton.autotune(configs=_CS1_CONFIGS, key=["NBLK", "BPI", "M", "HAS_Y", "INDEXED", "INPUT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_cs1})
 @triton.jit
 def _cs_one_gemm_kernel(
-    x_ptr, y_ptr, gram_ptr, nphi_ptr, rho_ptr, z_ptr,
-    NBLK, H, W, HB, WB, M,
-    BS: tl.constexpr, NP: tl.constexpr,
-    HAS_Y: tl.constexpr,
+    x_ptr, y_ptr, gram_ptr, nphi_ptr, rho_ptr, z_ptr, index_ptr, ms_ptr,
+    NBLK, BPI, H, W, HB, WB, M, RHO_STRIDE,
+    BS: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr,
+    HAS_Y: tl.constexpr, INDEXED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Block-CS GD step with the Gram matrix: ``z_b = x_b − ρ·(x_b G + y_b (−Φ))``, one GEMM with K = n + m.
 
-    Grid: (⌈NBLK / BLOCK_M⌉, NP / BLOCK_N). Program (i, j) computes the BLOCK_M × BLOCK_N tile of z for blocks
-    [i·BLOCK_M, (i+1)·BLOCK_M) and block pixels [j·BLOCK_N, (j+1)·BLOCK_N).
+    Grid: (T, NP / BLOCK_N), T block tiles as in ``_cs_residual_kernel``. Program (i, j) computes the
+    BLOCK_M × BLOCK_N tile of z for tile i's blocks and block pixels [j·BLOCK_N, (j+1)·BLOCK_N).
 
     Args:
         x_ptr: image (N·C planes of H × W), contiguous; pixels beyond the image read as zero.
-        y_ptr: measurements (NBLK, M), contiguous. Ignored unless ``HAS_Y``.
-        gram_ptr: G = ΦᵀΦ zero-padded to (NP, NP), contiguous, in the compute dtype.
+        y_ptr: measurements (NBLK, M), contiguous. Ignored unless ``HAS_Y``; with INDEXED only the first m_g of
+            each block's M are read.
+        gram_ptr: G = ΦᵀΦ zero-padded to (NP, NP), contiguous, in the compute dtype; with INDEXED the G_g = Φ_gᵀΦ_g
+            stacked (G, NP, NP).
         nphi_ptr: −Φ zero-padded to (MP ≥ M, NP), contiguous, in the compute dtype (negated once in torch:
-            exact, and the interpreter cannot negate bfloat16 tiles, whose raw bits it operates on).
-        rho_ptr: the step ρ, one element (read as fp32).
+            exact, and the interpreter cannot negate bfloat16 tiles, whose raw bits it operates on); with INDEXED
+            the −Φ_g stacked (G, MP, NP).
+        rho_ptr: the step ρ, one element (read as fp32); with INDEXED image n's is ``rho_ptr[n·RHO_STRIDE]``.
         z_ptr: output image, contiguous like x; only pixels inside the image are written.
-        NBLK, H, W, HB, WB, M: as in ``_cs_residual_kernel``.
-        BS: block side; NP: padded n (a multiple of 128, so of BLOCK_N and BLOCK_K).
+        index_ptr, ms_ptr: as in ``_cs_residual_kernel`` (read only if ``INDEXED``).
+        NBLK, BPI, H, W, HB, WB, M: as in ``_cs_residual_kernel``; RHO_STRIDE: as in ``_cs_update_kernel``.
+        BS: block side; NP: padded n (a multiple of 128, so of BLOCK_N and BLOCK_K); MP: padded M (the stride of
+            the stacked −Φ_g).
         HAS_Y: include the ``− y_b Φ`` term (false in the backward).
+        INDEXED: a Φ and a ρ per image; otherwise one of each for the whole batch.
         INPUT_PRECISION, UPCAST: as in ``_mma``.
         BLOCK_M, BLOCK_N, BLOCK_K: blocks per tile, output pixels per tile, reduction chunk.
     """
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_b, b_ok, plane_off, blk_off, rows_in, cols_in = _cs_blocks(pid, NBLK, H, W, HB, WB, BS, BLOCK_M)
+    offs_b, b_ok, img, gi, mg = _cs_tile(pid, NBLK, BPI, M, index_ptr, ms_ptr, BLOCK_M, INDEXED)
+    plane_off, blk_off, rows_in, cols_in = _cs_blocks(offs_b, b_ok, H, W, HB, WB, BS)
     x_blk = x_ptr + plane_off
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    if INDEXED:
+        gram_ptr += gi * (NP * NP)
+        nphi_ptr += gi * (MP * NP)
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, NP, BLOCK_K):
@@ -393,14 +472,18 @@ def _cs_one_gemm_kernel(
         acc = _mma(xt, g, acc, INPUT_PRECISION, UPCAST)
     if HAS_Y:
         m_row = offs_b.to(tl.int64) * M
-        for p0 in range(0, M, BLOCK_K):
+        # The first m_g measurements (= M without INDEXED): what lies past them in y is not this image's.
+        for p0 in range(0, mg, BLOCK_K):
             p = p0 + offs_k
-            p_ok = p < M
+            p_ok = p < mg
             yt = tl.load(y_ptr + m_row[:, None] + p[None, :], mask=b_ok[:, None] & p_ok[None, :], other=0.0)
             ph = tl.load(nphi_ptr + p[:, None] * NP + n[None, :], mask=p_ok[:, None], other=0.0)
             acc = _mma(yt, ph, acc, INPUT_PRECISION, UPCAST)
 
-    rho = tl.load(rho_ptr).to(tl.float32)
+    if INDEXED:
+        rho = tl.load(rho_ptr + img * RHO_STRIDE).to(tl.float32)
+    else:
+        rho = tl.load(rho_ptr).to(tl.float32)
     ni, nj, n_off = _cs_pixels(n, W, BS)
     ok = (ni[None, :] < rows_in[:, None]) & (nj[None, :] < cols_in[:, None])
     off = blk_off[:, None] + n_off[None, :]
@@ -448,13 +531,54 @@ class _CSPrepared:
         return self.gram, self.neg_phi
 
 
+class _CSStacked:
+    """The G matrices Φ_g of an indexed batch in the compute dtype, each zero-padded to (MP, NP) (MP from the
+    largest m_g: rows past m_g are zero, so they add nothing to a product) and stacked in the arrangements the
+    kernels read, with m_g per Φ; the stacked G_g = Φ_gᵀΦ_g when asked for. The attributes the launcher shares with
+    ``_CSPrepared`` (m = the largest m_g, n, np_, mp, block_size, phi, phit) mean the same for the stack."""
+
+    def __init__(self, phis, dtype: torch.dtype, block_size: int):
+        ms = [int(p.shape[0]) for p in phis]
+        n = int(phis[0].shape[1])
+        device = phis[0].device
+        self.m, self.n, self.block_size, self.dtype = max(ms), n, block_size, dtype
+        self.np_ = triton.cdiv(n, 128) * 128
+        self.mp = triton.cdiv(self.m, 128) * 128
+        # Rounded to x's dtype first, as the reference's phi.to(x.dtype), and exactly as _CSPrepared does.
+        self.phi_c = [p.detach().to(dtype) for p in phis]
+        pad = torch.zeros(len(phis), self.mp, self.np_, dtype=dtype, device=device)
+        for g, phi_c in enumerate(self.phi_c):
+            pad[g, :ms[g], :n] = phi_c
+        self.phi = pad
+        self.phit = pad.transpose(1, 2).contiguous()
+        self.ms = torch.tensor(ms, dtype=torch.int32, device=device)
+        self.gram = None
+        self.neg_phi = None
+
+    def gram_matrix(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(G_g, −Φ_g) stacked and padded, for the one-GEMM kernel."""
+        if self.gram is None:
+            g = torch.zeros(len(self.phi_c), self.np_, self.np_, dtype=self.dtype, device=self.phi.device)
+            for i, phi_c in enumerate(self.phi_c):
+                # As _CSPrepared: formed in float64 from the rounded Φ_g, rounded once to the compute dtype.
+                p = phi_c.double()
+                g[i, :self.n, :self.n] = (p.t() @ p).to(self.dtype)
+            self.gram = g
+            self.neg_phi = -self.phi
+        return self.gram, self.neg_phi
+
+
 _CS_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _CS_CACHE_SIZE = 8
+# Stacks are G times the size of one entry: fewer of them.
+_CS_STACK_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_CS_STACK_CACHE_SIZE = 4
 
 
 def clear_cache() -> None:
-    """Forget every cached padded Φ / Gram matrix."""
+    """Forget every cached padded Φ / Gram matrix (single and stacked)."""
     _CS_CACHE.clear()
+    _CS_STACK_CACHE.clear()
 
 
 def _cs_prepared(phi: torch.Tensor, dtype: torch.dtype, block_size: int) -> _CSPrepared:
@@ -478,6 +602,30 @@ def _cs_prepared(phi: torch.Tensor, dtype: torch.dtype, block_size: int) -> _CSP
     _CS_CACHE[key] = (ref, prep)
     while len(_CS_CACHE) > _CS_CACHE_SIZE:
         _CS_CACHE.popitem(last=False)
+    return prep
+
+
+def _cs_stacked(phis, dtype: torch.dtype, block_size: int) -> _CSStacked:
+    """Cached per list of Φ's: the key is the sequence of ``_cs_prepared``'s per-Φ keys (data_ptr, version
+    counter, device, dtype, shape, strides; in order: the position is the Φ number g) with the compute dtype and
+    block size; an entry is only valid while every Φ it was built from is alive."""
+    try:
+        key = (tuple((p.data_ptr(), p._version, str(p.device), p.dtype, tuple(p.shape), tuple(p.stride()))
+                     for p in phis), dtype, block_size)
+    except RuntimeError:  # an inference tensor among them has no version counter: do not cache
+        return _CSStacked(phis, dtype, block_size)
+    hit = _CS_STACK_CACHE.get(key)
+    if hit is not None and all(ref() is not None for ref in hit[0]):
+        _CS_STACK_CACHE.move_to_end(key)
+        return hit[1]
+    prep = _CSStacked(phis, dtype, block_size)
+    try:
+        refs = tuple(weakref.ref(p) for p in phis)
+    except TypeError:
+        return prep
+    _CS_STACK_CACHE[key] = (refs, prep)
+    while len(_CS_STACK_CACHE) > _CS_STACK_CACHE_SIZE:
+        _CS_STACK_CACHE.popitem(last=False)
     return prep
 
 
@@ -511,13 +659,18 @@ def _cs_geometry(x: torch.Tensor, block_size: int):
     return nb, c, h, w, hb, wb, nb * c * hb * wb
 
 
-def _cs_launch(x, y, prep: _CSPrepared, rho, algorithm, input_precision, write_z, write_r, r_saved):
+def _cs_launch(x, y, prep, rho, algorithm, input_precision, write_z, write_r, r_saved, index=None):
     """Run the CS kernels on x (with y, or y = 0 when ``y`` is None). Returns ``(z, r, part)``: z (x's shape and
     dtype, contiguous) if ``write_z``; fp32 ``r = A x − y`` (N, C, HB, WB, m) if ``write_r``; fp32 per-block
-    ``Σ r·r_saved`` if ``r_saved`` is given; empty tensors otherwise."""
+    ``Σ r·r_saved`` if ``r_saved`` is given; empty tensors otherwise.
+
+    ``prep``: a ``_CSPrepared`` (one Φ and one ρ for the batch), or with ``index`` (int64 (N,), values in [0, G))
+    a ``_CSStacked``: image n uses Φ_{index[n]} and ρ = rho[n] (rho of shape (N,), any stride) or the one element
+    of rho; m is then the largest m_g, and r is 0 past each image's m_g."""
     bs = prep.block_size
     nb, c, h, w, hb, wb, nblk = _cs_geometry(x, bs)
     m = prep.m
+    indexed = index is not None
     partial = r_saved is not None
     z = _empty(x.shape, x) if write_z else _nothing(x)
     r = _empty((nb, c, hb, wb, m), x, torch.float32) if write_r else _nothing(x, torch.float32)
@@ -535,13 +688,23 @@ def _cs_launch(x, y, prep: _CSPrepared, rho, algorithm, input_precision, write_z
     zdst = z if write_z else x
     prec = dot_precision(x.dtype, input_precision)
     up = _upcast(x.dtype)
+    if indexed:
+        # Each image has tiles of its own (``_cs_tile``), so that a program reads one Φ_g and one ρ.
+        bpi = c * hb * wb
+        idx, ms = index, prep.ms
+        rho_stride = 0 if rho.numel() == 1 else rho.stride(0)
+        tiles = lambda bm: nb * triton.cdiv(bpi, bm)  # noqa: E731
+    else:
+        # Never read (INDEXED is off); any pointer will do.
+        bpi, idx, ms, rho_stride = nblk, rho, rho, 0
+        tiles = lambda bm: triton.cdiv(nblk, bm)  # noqa: E731
     if algorithm == "one_gemm" and write_z:
         gram, neg_phi = prep.gram_matrix()
-        grid = lambda meta: (triton.cdiv(nblk, meta["BLOCK_M"]), prep.np_ // meta["BLOCK_N"])  # noqa: E731
+        grid = lambda meta: (tiles(meta["BLOCK_M"]), prep.np_ // meta["BLOCK_N"])  # noqa: E731
         _cs_one_gemm_kernel[grid](
-            x, ysrc, gram, neg_phi, rho, zdst,
-            nblk, h, w, hb, wb, m,
-            BS=bs, NP=prep.np_, HAS_Y=has_y, INPUT_PRECISION=prec, UPCAST=up,
+            x, ysrc, gram, neg_phi, rho, zdst, idx, ms,
+            nblk, bpi, h, w, hb, wb, m, rho_stride,
+            BS=bs, NP=prep.np_, MP=prep.mp, HAS_Y=has_y, INDEXED=indexed, INPUT_PRECISION=prec, UPCAST=up,
         )
         write_z = False  # done; the two-GEMM kernels below only have to produce r / the partial sums
     if write_z or write_r or partial:
@@ -550,22 +713,23 @@ def _cs_launch(x, y, prep: _CSPrepared, rho, algorithm, input_precision, write_z
         direct = ksplit == 1 and write_r
         ps = m if direct else triton.cdiv(m, 16) * 16
         parts = r if direct else _empty((ksplit, nblk, ps), x, torch.float32)
-        grid = lambda meta: (triton.cdiv(nblk, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_P"]), ksplit)  # noqa: E731
+        grid = lambda meta: (tiles(meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_P"]), ksplit)  # noqa: E731
         _cs_residual_kernel[grid](
-            x, ysrc, prep.phit, parts,
-            nblk, h, w, hb, wb, m, ps,
-            BS=bs, NP=prep.np_, MP=prep.mp, KSPLIT=ksplit, HAS_Y=has_y, INPUT_PRECISION=prec, UPCAST=up,
+            x, ysrc, prep.phit, parts, idx, ms,
+            nblk, bpi, h, w, hb, wb, m, ps,
+            BS=bs, NP=prep.np_, MP=prep.mp, KSPLIT=ksplit, HAS_Y=has_y, INDEXED=indexed, INPUT_PRECISION=prec,
+            UPCAST=up,
         )
         copy_r = write_r and not direct
         if write_z or copy_r or partial:
-            grid = lambda meta: (triton.cdiv(nblk, meta["BLOCK_M"]),  # noqa: E731
+            grid = lambda meta: (tiles(meta["BLOCK_M"]),  # noqa: E731
                                  prep.np_ // meta["BLOCK_N"] if write_z else 1)
             _cs_update_kernel[grid](
                 x, parts, prep.phi, rho, zdst, r if copy_r else parts, r_saved if partial else parts,
-                part if partial else parts,
-                nblk, h, w, hb, wb, m, ps,
-                BS=bs, NP=prep.np_, KSPLIT=ksplit, WRITE_Z=write_z, WRITE_R=copy_r, PARTIAL=partial,
-                INPUT_PRECISION=prec, UPCAST=up,
+                part if partial else parts, idx, ms,
+                nblk, bpi, h, w, hb, wb, m, ps, rho_stride,
+                BS=bs, NP=prep.np_, MP=prep.mp, KSPLIT=ksplit, WRITE_Z=write_z, WRITE_R=copy_r, PARTIAL=partial,
+                INDEXED=indexed, INPUT_PRECISION=prec, UPCAST=up,
             )
     return z, r, part
 
@@ -589,8 +753,41 @@ def cs_backward(grad, phi, rho, residual, block_size, algorithm, input_precision
     return dx, dy, drho
 
 
+def cs_indexed_forward(x, y, phis, index, rho, block_size=33, algorithm="auto", input_precision="tf32",
+                       save_residual=False):
+    """Launch the indexed CS step (no autograd, no validation; ``index`` must lie in [0, len(phis))). Returns
+    ``(z, r)``, r = fp32 ``A x − y`` (N, C, Hb, Wb, m_max), 0 past each image's m_g, if ``save_residual`` else
+    empty. The algorithm's ``"auto"`` is decided on m_max."""
+    prep = _cs_stacked(phis, x.dtype, block_size)
+    algorithm = resolve_cs_algorithm(algorithm, prep.m, prep.n)
+    z, r, _ = _cs_launch(x, y, prep, rho, algorithm, input_precision, True, save_residual, None, index)
+    return z, r
+
+
+def cs_indexed_backward(grad, phis, index, rho, residual, block_size, algorithm, input_precision, need_x, need_y,
+                        need_rho):
+    """``(dx, dy, dρ)`` of the indexed CS step, empty where not needed; see ``_gd_step_cs_indexed_backward``."""
+    prep = _cs_stacked(phis, grad.dtype, block_size)
+    algorithm = resolve_cs_algorithm(algorithm, prep.m, prep.n)
+    dx, ag, part = _cs_launch(grad, None, prep, rho, algorithm, input_precision, need_x, need_y or need_rho,
+                              residual if need_rho else None, index)
+    if rho.numel() == 1:
+        # One ρ for the batch: as gd_step_cs (dρ is the sum over every block).
+        dy, drho = _finish_backward(ag, part, rho, grad.dtype, need_y, need_rho)
+        return dx, dy, drho
+    nb, c, h, w, hb, wb, _ = _cs_geometry(grad, block_size)
+    # ρ_n per image; A G is exactly 0 past each m_g, and so is dy there.
+    dy = (rho.float().reshape(nb, 1, 1, 1, 1) * ag).to(grad.dtype) if need_y else _nothing(ag, grad.dtype)
+    if need_rho:
+        # dρ_n = −Σ of the partial sums of image n's C·Hb·Wb blocks (a fixed-order torch sum, as _finish_backward).
+        drho = (-part.reshape(nb, c * hb * wb).sum(1)).to(rho.dtype).reshape(rho.shape)
+    else:
+        drho = _nothing(ag, rho.dtype)
+    return dx, dy, drho
+
+
 # --------------------------------------------------------------------------------------------------------------------
-# Custom op and autograd
+# Custom ops and autograd
 # --------------------------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("lorun_fast::gd_step_cs", mutates_args=())
@@ -672,6 +869,84 @@ torch.library.register_autograd("lorun_fast::gd_step_cs", GDStepCSFunction.backw
                                 setup_context=GDStepCSFunction.setup_context)
 
 
+@torch.library.custom_op("lorun_fast::gd_step_cs_indexed", mutates_args=())
+def _gd_step_cs_indexed_op(x: torch.Tensor, y: torch.Tensor, phis: List[torch.Tensor], index: torch.Tensor,
+                           rho: torch.Tensor, block_size: int, algorithm: str, input_precision: str,
+                           save_residual: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Block-CS step with a Φ per sample: ``(z, r)``, r = fp32 ``A x − y`` (N, C, Hb, Wb, m_max) if
+    ``save_residual`` else empty."""
+    check_index_range(index, len(phis), "sampling matrices in phis")
+    return cs_indexed_forward(x, y, phis, index, rho, block_size, algorithm, input_precision, save_residual)
+
+
+@_gd_step_cs_indexed_op.register_fake
+def _(x, y, phis, index, rho, block_size, algorithm, input_precision, save_residual):
+    z = torch.empty_like(x, memory_format=torch.contiguous_format)
+    r = x.new_empty(y.shape, dtype=torch.float32) if save_residual else x.new_empty(0, dtype=torch.float32)
+    return z, r
+
+
+@torch.library.custom_op("lorun_fast::gd_step_cs_indexed_backward", mutates_args=())
+def _gd_step_cs_indexed_backward_op(grad: torch.Tensor, phis: List[torch.Tensor], index: torch.Tensor,
+                                    rho: torch.Tensor, residual: Optional[torch.Tensor], block_size: int,
+                                    algorithm: str, input_precision: str, need_x: bool, need_y: bool,
+                                    need_rho: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``lorun_fast::gd_step_cs_indexed``: ``(dx, dy, dρ)``, empty where not needed. ``index`` is the
+    forward's, whose range that op checked (no second host sync here)."""
+    return cs_indexed_backward(grad, phis, index, rho, residual, block_size, algorithm, input_precision, need_x,
+                               need_y, need_rho)
+
+
+@_gd_step_cs_indexed_backward_op.register_fake
+def _(grad, phis, index, rho, residual, block_size, algorithm, input_precision, need_x, need_y, need_rho):
+    nb, c, h, w = grad.shape
+    y_shape = (nb, c, -(-h // block_size), -(-w // block_size), max(p.shape[0] for p in phis))
+    return _backward_fakes(grad, y_shape, rho, need_x, need_y, need_rho)
+
+
+def _gd_step_cs_indexed_setup_context(ctx, inputs, output):
+    x, y, phis, index, rho, block_size, algorithm, input_precision, save_residual = inputs
+    _, r = output
+    ctx.save_for_backward(index, rho, r, *phis)
+    ctx.block_size, ctx.algorithm, ctx.input_precision = block_size, algorithm, input_precision
+    ctx.has_residual = bool(save_residual)
+    _mark_residual(ctx, r)
+
+
+def _gd_step_cs_indexed_backward(ctx, grad_z, grad_r=None):
+    """Autograd of ``lorun_fast::gd_step_cs_indexed`` (inputs ``(x, y, [Φ_g], index, ρ, block_size, algorithm,
+    input_precision, save_residual)``, outputs ``(z, r)``). Per sample n, with ``g = index[n]``, A_g the block
+    operator of Φ_g and ρ_n = ρ[n] (or the one ρ):
+
+        r_n = A_g x_n − y_n[..., :m_g]          (fp32; saved when ρ needs a gradient; 0 past m_g)
+        z_n = x_n − ρ_n·A_gᵀ r_n
+
+    Backward, with ``G = ∂L/∂z`` (the step is linear in x, y and ρ):
+
+        dx_n = G_n − ρ_n·A_gᵀA_g G_n      (the forward kernels on G with y = 0, same index)
+        dy_n = ρ_n·A_g G_n                in the first m_g entries, exactly 0 past them (y there is not read)
+        dρ_n = −⟨A_g G_n, r_n⟩            (per-block partial sums, then a fixed-order torch sum per sample; one
+                                           shared ρ gets the sum over the batch, as in ``GDStepCSFunction``)
+
+    ``index`` is not differentiable; the Φ_g get no gradient (the public function refuses one that requires grad).
+    """
+    index, rho, r, *phis = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if need[4] and not ctx.has_residual:
+        raise RuntimeError("lorun_fast::gd_step_cs_indexed: rho needs a gradient but the forward ran with "
+                           "save_residual=False; call gd_step_cs_indexed(), which sets it")
+    dx, dy, drho = torch.ops.lorun_fast.gd_step_cs_indexed_backward(
+        grad_z, phis, index, rho, r if need[4] else None, ctx.block_size, ctx.algorithm, ctx.input_precision,
+        need[0], need[1], need[4])
+    # A list input takes a list of gradients (one per tensor).
+    return (dx if need[0] else None, dy if need[1] else None, [None] * len(phis), None, drho if need[4] else None,
+            None, None, None, None)
+
+
+torch.library.register_autograd("lorun_fast::gd_step_cs_indexed", _gd_step_cs_indexed_backward,
+                                setup_context=_gd_step_cs_indexed_setup_context)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------------------------------------
@@ -718,4 +993,97 @@ def gd_step_cs(x: torch.Tensor, y: torch.Tensor, phi: torch.Tensor, rho, *, algo
     algorithm = resolve_cs_algorithm(algorithm, m, n)
     save = torch.is_grad_enabled() and rho_t.requires_grad
     z, _ = torch.ops.lorun_fast.gd_step_cs(x, y, phi, rho_t, block_size, algorithm, input_precision, save)
+    return z
+
+
+def _check_phis(phis, x, block_size: int) -> list:
+    """The G sampling matrices of ``gd_step_cs_indexed``: a non-empty list or tuple of 2-D floating-point tensors
+    (m_g, block_size²) on x's device, 1 ≤ m_g ≤ n, none requiring grad. Returns them as a list."""
+    if isinstance(phis, torch.Tensor) or not isinstance(phis, (list, tuple)):
+        raise TypeError(f"phis: expected a list or tuple of G sampling matrices (m_g, n), got {type(phis).__name__}")
+    if len(phis) == 0:
+        raise ValueError(f"phis: expected at least one sampling matrix, got an empty {type(phis).__name__}")
+    n = block_size * block_size
+    for g, phi in enumerate(phis):
+        name = f"phis[{g}]"
+        _check_tensor(name, phi)
+        if phi.dim() != 2 or phi.shape[1] != n:
+            raise ValueError(f"{name}: expected a 2-D matrix (m, {n}) for {block_size}×{block_size} blocks, got "
+                             f"shape {tuple(phi.shape)}")
+        if not 1 <= phi.shape[0] <= n:
+            raise ValueError(f"{name}: expected 1 to {n} rows, got {phi.shape[0]}")
+        if phi.device != x.device:
+            raise ValueError(f"{name}: on device {phi.device}, but x is on {x.device}; all tensors must share a "
+                             "device")
+        _check_fixed(name, phi)
+    return list(phis)
+
+
+def _as_sample_rho(rho, x) -> torch.Tensor:
+    """ρ of ``gd_step_cs_indexed``: a Python number or a one-element tensor (0-dim or (1,)) shared by the batch
+    (``_as_rho``), or a floating-point tensor of shape (N,) on x's device, one step per sample (any stride)."""
+    nb = x.shape[0]
+    if isinstance(rho, torch.Tensor) and not (rho.dim() <= 1 and rho.numel() == 1):
+        if not rho.is_floating_point():
+            raise TypeError(f"rho: expected a floating-point tensor, got dtype {rho.dtype}")
+        if rho.dim() != 1 or rho.shape[0] != nb:
+            raise ValueError(f"rho: expected {nb} per-sample step sizes (shape ({nb},)) or one shared step (a Python "
+                             f"float, or a 0-dim or (1,) tensor), got shape {tuple(rho.shape)}")
+        if rho.device != x.device:
+            raise ValueError(f"rho: on device {rho.device}, but x is on {x.device}; all tensors must share a device")
+        return rho
+    return _as_rho(rho, x)
+
+
+def gd_step_cs_indexed(x: torch.Tensor, y: torch.Tensor, phis: Sequence[torch.Tensor], index: torch.Tensor, rho, *,
+                       algorithm: str = "auto", input_precision: str = "tf32", block_size: int = 33) -> torch.Tensor:
+    """``gd_step_cs`` with a sampling matrix and a step size per sample: for sample n, with ``g = index[n]``,
+    ``z_n = x_n − ρ_n·Φ_gᵀ(Φ_g x_{n,b} − y_{n,b})`` per block, the whole batch in one launch per kernel pass.
+
+    Args:
+        x: image (N, C, H, W), float32 / bfloat16 / float16, H, W ≥ block_size (zero-padded to whole blocks).
+        y: block measurements (N, C, ⌈H/b⌉, ⌈W/b⌉, m_max), x's dtype, m_max = max m_g: sample n's measurement is
+            in the first m_g (g = index[n]) entries of each block; what lies past them is never read (it may hold
+            anything) and gets a zero gradient.
+        phis: a list or tuple of G sampling matrices Φ_g (m_g, b²), the m_g may differ; any float dtype (rounded to
+            x's dtype, like the reference); no gradient. Stacked once per list (cached like ``gd_step_cs``'s Φ).
+        index: int64 (N,) on x's device, values in [0, G): the sampling matrix of each sample (checking the range
+            reads its min and max back to the host). Matrices no sample uses are allowed.
+        rho: step sizes: a floating-point tensor (N,) on x's device, one per sample, or one step for the whole
+            batch (a Python number, or a 0-dim or (1,) tensor). A tensor ρ gets a gradient of its own shape (for a
+            shared ρ, the sum over the batch).
+        algorithm: "auto" (decided on m_max by ``resolve_cs_algorithm``), "two_gemm" or "one_gemm".
+        input_precision: "ieee", "tf32" or "tf32x3" for float32 inputs (ignored for 16-bit ones).
+        block_size: block side b (33 in ISTA-Net).
+
+    Each image's blocks are tiled on their own, so that every program reads one Φ_g (from the zero-padded stack)
+    and one ρ_n; the two-GEMM path skips measurement tiles past m_g. With one Φ for the whole batch the result
+    equals ``gd_step_cs``'s. Returns z with x's shape and dtype (contiguous). Registered as
+    ``torch.ops.lorun_fast.gd_step_cs_indexed`` (returns ``(z, residual)``), so it works under autograd (x, y, ρ)
+    and ``torch.compile(fullgraph=True)``.
+    """
+    _check_x(x, "(N, C, H, W) image")
+    _check_int("block_size", block_size, 1)
+    h, w = x.shape[-2:]
+    if h < block_size or w < block_size:
+        raise ValueError(f"x: image {h}×{w} is smaller than one {block_size}×{block_size} block")
+    phis = _check_phis(phis, x, block_size)
+    check_sample_index(index, x, "the sampling matrices in phis")
+    m_max = max(p.shape[0] for p in phis)
+    expected = (x.shape[0], x.shape[1], -(-h // block_size), -(-w // block_size), m_max)
+    _check_tensor("y", y)
+    if y.dim() == 5 and tuple(y.shape[:4]) == expected[:4] and y.shape[4] != m_max:
+        raise ValueError(f"y: expected the last dimension m_max = {m_max} (the most rows of any Φ in phis: "
+                         f"{[p.shape[0] for p in phis]}), got {y.shape[4]}")
+    _check_y(y, x, expected, "(N, C, Hb, Wb, m_max)")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {algorithm!r}")
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"input_precision: expected one of {INPUT_PRECISIONS}, got {input_precision!r}")
+    _check_device(x, y=y)
+    rho_t = _as_sample_rho(rho, x)
+    algorithm = resolve_cs_algorithm(algorithm, m_max, block_size * block_size)
+    save = torch.is_grad_enabled() and rho_t.requires_grad
+    z, _ = torch.ops.lorun_fast.gd_step_cs_indexed(x, y, phis, index, rho_t, block_size, algorithm,
+                                                   input_precision, save)
     return z

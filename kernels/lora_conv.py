@@ -24,6 +24,10 @@ the residual add fused into the epilogue (``_epilogue``), and nothing of rank r 
 In both, ``dW_eff = Σ_pixels dY_pre ⊗ im2col(x)`` is written as per-chunk partial sums that a fixed-order torch sum
 reduces (deterministic: no atomics), and ``dA``, ``dB`` are tiny torch matmuls on ``dW_eff``.
 
+``fused_lora_conv2d_indexed`` gives each sample its own adapter (``index[n]`` of U, ranks may differ), v2 only: the
+U merged weights are stacked and the v2 forward / dx kernel picks its image's one (``HAS_WIDX``), one launch per
+batch; dW_eff is reduced per adapter on the samples that use it.
+
 Running without a GPU: set ``TRITON_INTERPRET=1`` in the environment before this module is imported (the
 ``@triton.jit`` decorators read it at decoration time); the kernels then run in Triton's interpreter on CPU tensors,
 with one fixed tile configuration instead of autotuning. The kernels call only Triton builtins (``tl.full``, not
@@ -31,27 +35,31 @@ with one fixed tile configuration instead of autotuning. The kernels call only T
 is imported, so they stay compiled-mode functions, and break an interpreted kernel, whenever triton was imported
 before the variable was set.
 
-Why one module of ~1,300 lines: it holds both designs of the convolution (v1 and v2, ``settings.conv_kernel``)
-with their launchers, the autograd Function and the custom ops, so that they share the epilogue, the checks and the
-op registration; v1 stays only until a GPU run has timed the two side by side, and leaves with ~350 lines.
+Why one module of ~1,550 lines: it holds both designs of the convolution (v1 and v2, ``settings.conv_kernel``) and
+the per-sample-adapter variant of v2 (``fused_lora_conv2d_indexed``, the same kernel with ``HAS_WIDX``), with their
+launchers, the autograd and the custom ops, so that they share the epilogue, the checks and the op registration;
+v1 stays only until a GPU run has timed the two side by side, and leaves with ~350 lines.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from lorun_fast.kernels.mma import _mma
-from lorun_fast.kernels.settings import (INPUT_PRECISIONS, check_runnable, conv_kernel, device_limits,
-                                         dot_precision, full_tuning, interpreting)
+from lorun_fast.kernels.settings import (INPUT_PRECISIONS, check_index_range, check_runnable, check_sample_index,
+                                         conv_kernel, device_limits, dot_precision, full_tuning, interpreting)
 
 __all__ = [
     "fused_lora_conv2d",
+    "fused_lora_conv2d_indexed",
     "fused_conv2d",
     "merge_weight",
     "FusedLoRAConv2dFunction",
     "lora_conv2d_forward",
     "lora_conv2d_backward",
+    "lora_conv2d_indexed_forward",
+    "lora_conv2d_indexed_backward",
     "conv_weight_grad",
     "INPUT_PRECISIONS",
 ]
@@ -423,11 +431,11 @@ def _lora_conv_fwd_kernel(
 
 @triton.autotune(configs=_HALO_CONFIGS,
                  key=["NB", "H", "W", "Ci", "Co", "sx_c", "KH", "INPUT_PRECISION", "HAS_BIAS", "RELU", "HAS_RES",
-                      "WRITE_MASK", "IN_MASK", "SCALE_IN"],
+                      "WRITE_MASK", "IN_MASK", "SCALE_IN", "HAS_WIDX"],
                  prune_configs_by={"early_config_prune": _prune_halo})
 @triton.jit
 def _conv_fwd_halo_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, mask_ptr, in_mask_ptr,
+    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, mask_ptr, in_mask_ptr, widx_ptr,
     NB, H, W, Ci, Co,
     out_scale, in_scale,
     sx_n, sx_c, sx_h, sx_w,
@@ -436,7 +444,7 @@ def _conv_fwd_halo_kernel(
     sm_n, sm_c, sm_h, sm_w,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr, WRITE_MASK: tl.constexpr,
-    IN_MASK: tl.constexpr, SCALE_IN: tl.constexpr,
+    IN_MASK: tl.constexpr, SCALE_IN: tl.constexpr, HAS_WIDX: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BH: tl.constexpr, BW: tl.constexpr, HALO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -451,13 +459,16 @@ def _conv_fwd_halo_kernel(
 
     Args:
         x_ptr: input image (NB, Ci, H, W), any strides (channels_last, i.e. ``sx_c == 1``, loads coalesced).
-        w_ptr: merged weight pre-arranged as (KH·KW, Ci, Co), contiguous.
+        w_ptr: merged weight pre-arranged as (KH·KW, Ci, Co), contiguous; with ``HAS_WIDX`` a stack of U such
+            weights, (U, KH·KW, Ci, Co), contiguous.
         bias_ptr: bias (Co,). Ignored unless ``HAS_BIAS``.
         res_ptr: residual (NB, Co, H, W) with strides ``sr_*``. Ignored unless ``HAS_RES``.
         y_ptr: output (NB, Co, H, W) with strides ``sy_*``; every element is written.
         mask_ptr: uint8 (NB, Co, H, W) with the strides of ``y``: ``pre > 0``. Written only if ``WRITE_MASK``.
         in_mask_ptr: (NB, Ci, H, W) with strides ``sm_*``: the saved output or uint8 ReLU mask that selects the x
             elements (the dx pass: x is ∂L/∂y). Read only if ``IN_MASK`` > 0.
+        widx_ptr: int64 (NB,), contiguous, values in [0, U): image n is convolved with weight ``widx[n]`` of the
+            stack. Read only if ``HAS_WIDX`` (nothing checks the range here: the caller does).
         NB, H, W: batch size and image size (input and output share H×W).
         Ci, Co: input and output channels; any value, tails are masked.
         out_scale: the factor applied after the activation, before the residual.
@@ -466,6 +477,8 @@ def _conv_fwd_halo_kernel(
         KH, KW: kernel size, 3×3 (padding 1) or 1×1 (padding 0).
         HAS_BIAS, RELU, HAS_RES, WRITE_MASK: epilogue switches, as in ``_lora_conv_fwd_kernel``.
         IN_MASK, SCALE_IN: how x is selected and scaled as it is loaded (``_select_scale``).
+        HAS_WIDX: a weight per image, chosen by ``widx`` (one launch for a batch whose images use different
+            weights); when false ``widx_ptr`` is never read and ``w_ptr`` is the one weight.
         INPUT_PRECISION: tl.dot precision for float32 operands; UPCAST: multiply in float32 (interpreter + bf16).
         BH, BW: output pixel block (powers of two); HALO: ≥ (BH + 2)·(BW + 2), a power of two (1×1: unused).
         BLOCK_N, BLOCK_K: tiles over output and input channels.
@@ -484,6 +497,10 @@ def _conv_fwd_halo_kernel(
     oh = h0 + offs_p // BW
     ow = w0 + offs_p % BW
     p_ok = (oh < H) & (ow < W)  # the grid holds exactly NB images of tiles: img < NB
+    if HAS_WIDX:
+        # A program covers one image, so one scalar load picks its weight for the whole K loop; int64 because
+        # U·taps·Ci·Co elements may exceed 2³¹.
+        w_ptr += tl.load(widx_ptr + img).to(tl.int64) * Ci * Co * (KH * KW)
 
     # Input rows of the haloed block: (BH + KH − 1) × (BW + KW − 1) pixels, row-major, padded to HALO.
     HW_: tl.constexpr = BW + KW - 1
@@ -779,8 +796,10 @@ def _launch_conv(x, w_arr, a_arr, b_arr, scaling, bias, residual, relu, out_scal
 
 
 def _launch_conv_halo(x, w_arr, bias, residual, relu, out_scale, input_precision, write_mask, ksize, co,
-                      channels_last, in_mask=None, in_mask_mode=0, in_scale=1.0):
-    """Run the haloed-tile kernel (v2) with an already merged, tap-arranged weight; returns (y, mask)."""
+                      channels_last, in_mask=None, in_mask_mode=0, in_scale=1.0, widx=None):
+    """Run the haloed-tile kernel (v2) with an already merged, tap-arranged weight; returns (y, mask).
+    ``widx``: an int64 (N,) index into a stack of such weights, ``w_arr`` (U, taps, Ci, Co): image n uses
+    ``w_arr[widx[n]]`` (values not checked here)."""
     nb, ci, h, w = x.shape
     y = _poison(_empty_image((nb, co, h, w), x, channels_last))
     mask = (_poison(torch.empty_strided(y.shape, y.stride(), dtype=torch.uint8, device=y.device)) if write_mask
@@ -790,16 +809,19 @@ def _launch_conv_halo(x, w_arr, bias, residual, relu, out_scale, input_precision
     _check_runnable(x)
     res = residual if residual is not None else y
     sel = in_mask if in_mask_mode else x
+    if widx is not None:
+        widx = widx.contiguous()
     grid = lambda meta: (nb * triton.cdiv(h, meta["BH"]) * triton.cdiv(w, meta["BW"]),  # noqa: E731
                          triton.cdiv(co, meta["BLOCK_N"]))
     _conv_fwd_halo_kernel[grid](
         x, w_arr, bias if bias is not None else w_arr, res, y, mask if write_mask else y, sel,
+        widx if widx is not None else w_arr,
         nb, h, w, ci, co,
         float(out_scale), float(in_scale),
         *x.stride(), *res.stride(), *y.stride(), *sel.stride(),
         KH=ksize, KW=ksize,
         HAS_BIAS=bias is not None, RELU=bool(relu), HAS_RES=residual is not None, WRITE_MASK=bool(write_mask),
-        IN_MASK=int(in_mask_mode), SCALE_IN=float(in_scale) != 1.0,
+        IN_MASK=int(in_mask_mode), SCALE_IN=float(in_scale) != 1.0, HAS_WIDX=widx is not None,
         INPUT_PRECISION=_dot_precision(x.dtype, input_precision),
         UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
     )
@@ -1003,6 +1025,96 @@ def _lora_conv2d_backward_v2(grad_y, x, weight, lora_a, lora_b, saved, scaling, 
     return dx, dw, da, db, dbias
 
 
+def _stacked_taps(weight, lora_a, lora_b, scaling, transposed=False):
+    """The merged weights ``W + s·B_u·A_u`` of all U adapters, each tap-arranged, stacked: (U, taps, Ci, Co),
+    contiguous (``transposed``: flipped and channel-swapped for the dx pass, (U, taps, Co, Ci)). Each is merged
+    exactly as ``_merged_weight`` merges the single adapter of ``lora_conv2d_forward``."""
+    arrs = []
+    for a, b in zip(lora_a, lora_b):
+        wk = _merged_weight(weight, a, b, scaling)
+        arrs.append(_taps_arrangement(wk.flip(2, 3).transpose(0, 1) if transposed else wk))
+    return torch.stack(arrs)
+
+
+def lora_conv2d_indexed_forward(x, weight, lora_a, lora_b, scaling, index, bias=None, residual=None, relu=False,
+                                out_scale=1.0, input_precision="tf32", write_mask=False):
+    """Launch the per-sample-adapter forward (v2 kernel; no autograd, no validation): ``(y, relu_mask)`` as
+    ``lora_conv2d_forward``, sample n convolved with ``W + s·B_{index[n]}·A_{index[n]}``. ``lora_a``, ``lora_b``:
+    sequences of U adapters; ``index``: int64 (N,) with values in [0, U) (not checked here)."""
+    co, _, k, _ = weight.shape
+    # All U merged weights stacked, one launch: each program reads the weight of its image's adapter.
+    w_arr = _stacked_taps(weight, lora_a, lora_b, scaling)
+    return _launch_conv_halo(x, w_arr, bias, residual, relu, out_scale, input_precision, write_mask, k, co,
+                             _wants_channels_last(x), widx=index)
+
+
+def lora_conv2d_indexed_backward(grad_y, x, weight, lora_a, lora_b, index, saved, scaling, relu, mask_from_output,
+                                 out_scale, input_precision, need_x, need_w, need_a, need_b, need_bias):
+    """All input gradients of the per-sample-adapter op: ``(dx, dW, [dA_u], [dB_u], dbias)``; entries not asked
+    for are empty tensors (``need_a`` / ``need_b``: every adapter's). See ``fused_lora_conv2d_indexed``.
+
+    dx is one launch of the dx pass over the whole batch (the stacked flipped weights, the same index). dW_eff is
+    reduced per adapter by the v2 dW kernel over the samples that use it (gathered; a sample set that is the whole
+    batch is used in place), so dW_eff_u, dA_u and dB_u are those of ``lora_conv2d_backward`` on that sub-batch;
+    an adapter no sample uses gets zero gradients. ``dW = Σ_u dW_eff_u`` and ``dbias`` sum in adapter order.
+    """
+    co, ci, k, _ = weight.shape
+    nb = x.shape[0]
+    n_adapters = len(lora_a)
+    selector, mode = _selector(saved, relu, mask_from_output, out_scale)
+    # Distinct empties: outputs of a custom op must not alias one another.
+    dx, dw, dbias = (x.new_empty(0) for _ in range(3))
+    da = [x.new_empty(0) for _ in range(n_adapters)]
+    db = [x.new_empty(0) for _ in range(n_adapters)]
+    if need_w or need_a or need_b:
+        # One host sync for the group sizes; a stable sort lists each adapter's samples in batch order.
+        counts = torch.bincount(index, minlength=n_adapters).tolist() if nb else [0] * n_adapters
+        order = torch.argsort(index, stable=True)
+        dw_sum, dbias_sum, start = None, None, 0
+        for u, (a, b) in enumerate(zip(lora_a, lora_b)):
+            count = counts[u]
+            if count == 0:
+                if need_a:
+                    da[u] = torch.zeros_like(a)
+                if need_b:
+                    db[u] = torch.zeros_like(b)
+                continue
+            if count == nb:
+                x_u, g_u, sel_u = x, grad_y, selector
+            else:
+                rows = order[start:start + count]
+                x_u, g_u = x.index_select(0, rows), grad_y.index_select(0, rows)
+                sel_u = selector.index_select(0, rows) if selector is not None else None
+            start += count
+            dw_u, dbias_u = conv_weight_grad_taps(x_u, g_u, k, input_precision, sel_u, mode, out_scale,
+                                                  bias_grad=need_bias)
+            rank = a.shape[0]
+            flat = dw_u.view(co, -1)
+            if need_a:
+                da[u] = (scaling * (b.reshape(co, rank).float().t() @ flat)).view(a.shape).to(a.dtype)
+            if need_b:
+                db[u] = (scaling * (flat @ a.reshape(rank, -1).float().t())).view(b.shape).to(b.dtype)
+            dw_sum = dw_u if dw_sum is None else dw_sum + dw_u
+            if need_bias:
+                dbias_sum = dbias_u if dbias_sum is None else dbias_sum + dbias_u
+        if dw_sum is None:  # empty batch
+            dw_sum = torch.zeros((co, ci, k, k), dtype=torch.float32, device=x.device)
+            dbias_sum = torch.zeros(co, dtype=torch.float32, device=x.device)
+        if need_w:
+            dw = dw_sum.to(weight.dtype)
+        if need_bias:
+            dbias = dbias_sum.to(weight.dtype)
+    elif need_bias:
+        g = _relu_grad_input(grad_y, saved, relu, mask_from_output, out_scale)
+        dbias = g.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype)
+    if need_x:
+        w_arr = _stacked_taps(weight, lora_a, lora_b, scaling, transposed=True)
+        dx, _ = _launch_conv_halo(grad_y, w_arr, None, None, False, 1.0, input_precision, False, k, ci,
+                                  _wants_channels_last(x), in_mask=selector, in_mask_mode=mode, in_scale=out_scale,
+                                  widx=index)
+    return dx, dw, da, db, dbias
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Custom ops and autograd
 # --------------------------------------------------------------------------------------------------------------------
@@ -1021,8 +1133,8 @@ def _needs_mask(relu, residual) -> bool:
     return bool(relu) and residual is not None
 
 
-@_lora_conv2d_op.register_fake
-def _(x, weight, lora_a, lora_b, bias, residual, scaling, relu, out_scale, input_precision):
+def _fake_outputs(x, weight, relu, residual):
+    """The (y, relu_mask) a forward op returns, as empty tensors of the right shapes, strides and dtypes."""
     nb, _, h, w = x.shape
     y = _empty_image((nb, weight.shape[0], h, w), x, _wants_channels_last(x))
     if _needs_mask(relu, residual):
@@ -1030,6 +1142,11 @@ def _(x, weight, lora_a, lora_b, bias, residual, scaling, relu, out_scale, input
     else:
         mask = torch.empty(0, dtype=torch.uint8, device=y.device)
     return y, mask
+
+
+@_lora_conv2d_op.register_fake
+def _(x, weight, lora_a, lora_b, bias, residual, scaling, relu, out_scale, input_precision):
+    return _fake_outputs(x, weight, relu, residual)
 
 
 @torch.library.custom_op("lorun_fast::conv2d_merged", mutates_args=())
@@ -1133,6 +1250,96 @@ torch.library.register_autograd("lorun_fast::lora_conv2d", FusedLoRAConv2dFuncti
                                 setup_context=FusedLoRAConv2dFunction.setup_context)
 
 
+@torch.library.custom_op("lorun_fast::lora_conv2d_indexed", mutates_args=())
+def _lora_conv2d_indexed_op(x: torch.Tensor, weight: torch.Tensor, lora_a: List[torch.Tensor],
+                            lora_b: List[torch.Tensor], index: torch.Tensor, bias: Optional[torch.Tensor],
+                            residual: Optional[torch.Tensor], scaling: float, relu: bool, out_scale: float,
+                            input_precision: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the per-sample-adapter fused LoRA conv: ``(y, relu_mask)`` as ``lorun_fast::lora_conv2d``.
+    The range of ``index`` is checked here, in the op's body, which runs eagerly also under torch.compile."""
+    check_index_range(index, len(lora_a), "adapters")
+    return lora_conv2d_indexed_forward(x, weight, lora_a, lora_b, scaling, index, bias, residual, relu, out_scale,
+                                       input_precision, write_mask=_needs_mask(relu, residual))
+
+
+@_lora_conv2d_indexed_op.register_fake
+def _(x, weight, lora_a, lora_b, index, bias, residual, scaling, relu, out_scale, input_precision):
+    return _fake_outputs(x, weight, relu, residual)
+
+
+@torch.library.custom_op("lorun_fast::lora_conv2d_indexed_backward", mutates_args=())
+def _lora_conv2d_indexed_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                     lora_a: List[torch.Tensor], lora_b: List[torch.Tensor], index: torch.Tensor,
+                                     saved: Optional[torch.Tensor], scaling: float, relu: bool,
+                                     mask_from_output: bool, out_scale: float, input_precision: str, need_x: bool,
+                                     need_w: bool, need_a: bool, need_b: bool, need_bias: bool
+                                     ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor],
+                                                torch.Tensor]:
+    """Backward of ``lorun_fast::lora_conv2d_indexed``: ``(dx, dW, [dA_u], [dB_u], dbias)``, empty where not
+    needed."""
+    return lora_conv2d_indexed_backward(grad_y, x, weight, lora_a, lora_b, index, saved, scaling, relu,
+                                        mask_from_output, out_scale, input_precision, need_x, need_w, need_a, need_b,
+                                        need_bias)
+
+
+@_lora_conv2d_indexed_backward_op.register_fake
+def _(grad_y, x, weight, lora_a, lora_b, index, saved, scaling, relu, mask_from_output, out_scale, input_precision,
+      need_x, need_w, need_a, need_b, need_bias):
+    dx = _empty_image(x.shape, x, _wants_channels_last(x)) if need_x else x.new_empty(0)
+    dw = weight.new_empty(weight.shape) if need_w else x.new_empty(0)
+    da = [a.new_empty(a.shape) if need_a else x.new_empty(0) for a in lora_a]
+    db = [b.new_empty(b.shape) if need_b else x.new_empty(0) for b in lora_b]
+    dbias = weight.new_empty(weight.shape[0]) if need_bias else x.new_empty(0)
+    return dx, dw, da, db, dbias
+
+
+def _lora_conv2d_indexed_setup_context(ctx, inputs, output):
+    x, weight, lora_a, lora_b, index, bias, residual, scaling, relu, out_scale, input_precision = inputs
+    y, mask = output
+    ctx.mask_from_output = not _needs_mask(relu, residual)
+    saved = (y if ctx.mask_from_output else mask) if relu else None
+    ctx.n_adapters = len(lora_a)
+    ctx.save_for_backward(x, weight, index, saved, *lora_a, *lora_b)
+    ctx.scaling, ctx.relu, ctx.out_scale, ctx.input_precision = scaling, relu, out_scale, input_precision
+    if hasattr(ctx, "mark_non_differentiable"):
+        ctx.mark_non_differentiable(mask)
+
+
+def _lora_conv2d_indexed_backward(ctx, grad_y, grad_mask=None):
+    """Autograd of ``lorun_fast::lora_conv2d_indexed`` (inputs ``(x, W, [A_u], [B_u], index, bias, residual, s,
+    relu, out_scale, input_precision)``, outputs ``(y, relu_mask)``). Per sample n, with ``u = index[n]``:
+
+        W_u  = W + s·B_u·A_u
+        pre  = conv(x, W_u) + bias ;  y = out_scale·relu(pre) + residual     (as FusedLoRAConv2dFunction)
+
+    Backward, with ``G = ∂L/∂y`` and ``S_u = {n : index[n] = u}``:
+
+        dpre        = out_scale · G · [pre > 0]                     (the mask as in FusedLoRAConv2dFunction)
+        dbias       = Σ_{n,h,w} dpre ;  dresidual = G
+        dW_eff_u    = Σ_{n∈S_u, h,w} dpre[n,:,h,w] ⊗ im2col(x)[n,:,h,w]    (0 when S_u is empty)
+        dW          = Σ_u dW_eff_u
+        dA_u        = s · B_uᵀ · dW_eff_u ;   dB_u = s · dW_eff_u · A_uᵀ
+        dx[n]       = conv(dpre[n], flip_{h,w}(W_u) with in/out channels swapped)
+
+    ``index`` is not differentiable; ``s``, ``out_scale`` are constants. Always the v2 design.
+    """
+    x, weight, index, saved, *adapters = ctx.saved_tensors
+    lora_a, lora_b = adapters[:ctx.n_adapters], adapters[ctx.n_adapters:]
+    # A list input has a list of flags (one per tensor).
+    need = ctx.needs_input_grad
+    need_a, need_b = [bool(n) for n in need[2]], [bool(n) for n in need[3]]
+    dx, dw, da, db, dbias = torch.ops.lorun_fast.lora_conv2d_indexed_backward(
+        grad_y, x, weight, lora_a, lora_b, index, saved, ctx.scaling, ctx.relu, ctx.mask_from_output, ctx.out_scale,
+        ctx.input_precision, need[0], need[1], any(need_a), any(need_b), need[5])
+    return (dx if need[0] else None, dw if need[1] else None,
+            [d if n else None for d, n in zip(da, need_a)], [d if n else None for d, n in zip(db, need_b)],
+            None, dbias if need[5] else None, grad_y if need[6] else None, None, None, None, None)
+
+
+torch.library.register_autograd("lorun_fast::lora_conv2d_indexed", _lora_conv2d_indexed_backward,
+                                setup_context=_lora_conv2d_indexed_setup_context)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------------------------------------
@@ -1172,23 +1379,48 @@ def _check_inputs(x, weight, lora_a, lora_b, scaling, bias, padding, residual, o
     _check_epilogue_and_options(x, weight, scaling, bias, padding, residual, out_scale, input_precision)
 
 
-def _check_lora(weight, lora_a, lora_b):
+def _check_lora(weight, lora_a, lora_b, a_name="lora_a", b_name="lora_b"):
     co, ci, kh, kw = weight.shape
     if lora_a.dim() != 4 or lora_a.shape[1:] != weight.shape[1:] or lora_a.shape[0] < 1:
-        raise ValueError(f"lora_a: expected shape (r, {ci}, {kh}, {kw}) with r ≥ 1, got {tuple(lora_a.shape)}")
+        raise ValueError(f"{a_name}: expected shape (r, {ci}, {kh}, {kw}) with r ≥ 1, got {tuple(lora_a.shape)}")
     rank = lora_a.shape[0]
     if lora_b.dim() == 4 and lora_b.shape[2:] == (1, 1):
         b2 = lora_b.shape[:2]
     elif lora_b.dim() == 2:
         b2 = lora_b.shape
     else:
-        raise ValueError(f"lora_b: expected shape ({co}, r) or ({co}, r, 1, 1), got {tuple(lora_b.shape)}")
+        raise ValueError(f"{b_name}: expected shape ({co}, r) or ({co}, r, 1, 1), got {tuple(lora_b.shape)}")
     if b2[0] != co:
-        raise ValueError(f"lora_b: expected {co} output channels (weight is {tuple(weight.shape)}), "
+        raise ValueError(f"{b_name}: expected {co} output channels (weight is {tuple(weight.shape)}), "
                          f"got shape {tuple(lora_b.shape)}")
     if b2[1] != rank:
-        raise ValueError(f"lora_b: rank {b2[1]} does not match lora_a's rank {rank} "
-                         f"(lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)})")
+        raise ValueError(f"{b_name}: rank {b2[1]} does not match {a_name}'s rank {rank} "
+                         f"({a_name} {tuple(lora_a.shape)}, {b_name} {tuple(lora_b.shape)})")
+
+
+def _check_adapters(x, weight, lora_a, lora_b):
+    """The U adapters of ``fused_lora_conv2d_indexed``: two equally long sequences of tensors, each pair checked as
+    ``fused_lora_conv2d`` checks its one (names ``lora_a[u]``, ``lora_b[u]``)."""
+    for name, seq in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name}: expected a list or tuple of U tensors (one per adapter), got "
+                            f"{type(seq).__name__}")
+        if len(seq) == 0:
+            raise ValueError(f"{name}: expected at least one adapter, got an empty {type(seq).__name__}")
+    if len(lora_a) != len(lora_b):
+        raise ValueError(f"lora_b: expected one B per A ({len(lora_a)} adapters in lora_a), got {len(lora_b)}")
+    for u, (a, b) in enumerate(zip(lora_a, lora_b)):
+        for name, t in ((f"lora_a[{u}]", a), (f"lora_b[{u}]", b)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+            if t.dtype != x.dtype:
+                raise TypeError(f"{name}: dtype {t.dtype} does not match x's dtype {x.dtype}")
+            if t.device != x.device:
+                raise ValueError(f"{name}: on device {t.device}, but x is on {x.device}; all tensors must share a "
+                                 "device")
+        _check_lora(weight, a, b, f"lora_a[{u}]", f"lora_b[{u}]")
 
 
 def _check_epilogue_and_options(x, weight, scaling, bias, padding, residual, out_scale, input_precision):
@@ -1246,6 +1478,40 @@ def fused_lora_conv2d(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
     _check_inputs(x, weight, lora_a, lora_b, scaling, bias, padding, residual, out_scale, input_precision)
     y, _ = torch.ops.lorun_fast.lora_conv2d(x, weight, lora_a, lora_b, bias, residual, float(scaling), bool(relu),
                                            float(out_scale), input_precision)
+    return y
+
+
+def fused_lora_conv2d_indexed(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Tensor],
+                              lora_b: Sequence[torch.Tensor], scaling: float, index: torch.Tensor,
+                              bias: Optional[torch.Tensor] = None, padding=1, relu: bool = False,
+                              residual: Optional[torch.Tensor] = None, out_scale: float = 1.0,
+                              input_precision: str = "tf32") -> torch.Tensor:
+    """``fused_lora_conv2d`` with an adapter per sample: sample n computes
+    ``out_scale·act(conv(x[n], W + s·B_u·A_u) + bias) + residual[n]`` with ``u = index[n]``, the whole batch in one
+    kernel launch (autograd-aware).
+
+    Args:
+        x, weight, scaling, bias, relu, residual, out_scale, input_precision: as ``fused_lora_conv2d``.
+        lora_a: a list or tuple of U tensors, ``A_u`` (r_u, Ci, k, k); the ranks r_u may differ.
+        lora_b: a list or tuple of U tensors, ``B_u`` (Co, r_u, 1, 1) or (Co, r_u).
+        index: int64 (N,) on x's device, values in [0, U): the adapter of each sample. Adapters that no sample
+            uses get zero gradients. Checking its range reads its min and max back to the host.
+        padding: must be 'same': 1 (or (1, 1) or "same") for 3×3, 0 for 1×1.
+
+    Always the v2 design (``settings.conv_kernel()`` is not consulted: v1 has no indexed kernel): the U merged
+    weights are formed once per launch (fp32, rounded once to the weight dtype) and stacked, and each program of
+    the v2 forward kernel reads the one of its image; with every ``index[n] = u`` the result equals v2's
+    ``fused_lora_conv2d`` with adapter u bit for bit. Backward: dx in one launch of the dx pass with the same index;
+    dW_eff per used adapter on the samples that use it (``lora_conv2d_indexed_backward``). Registered as
+    ``torch.ops.lorun_fast.lora_conv2d_indexed`` (returns ``(y, relu_mask)``), so it works under autograd and
+    ``torch.compile(fullgraph=True)``.
+    """
+    _check_inputs(x, weight, None, None, scaling, bias, padding, residual, out_scale, input_precision,
+                  has_lora=False)
+    _check_adapters(x, weight, lora_a, lora_b)
+    check_sample_index(index, x, "the adapters")
+    y, _ = torch.ops.lorun_fast.lora_conv2d_indexed(x, weight, list(lora_a), list(lora_b), index, bias, residual,
+                                                   float(scaling), bool(relu), float(out_scale), input_precision)
     return y
 
 

@@ -79,3 +79,33 @@ def use_conv_kernel(version: str):
         yield
     finally:
         _CONV_KERNEL_OVERRIDE = previous
+
+
+def check_sample_index(index, x, what: str) -> None:
+    """dtype, shape and device of a per-sample index into ``what`` (e.g. "adapters"), one entry per sample of ``x``;
+    its values are checked by :func:`check_index_range` in the op's body."""
+    import torch
+
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"index: expected a torch.Tensor of numbers into {what}, got {type(index).__name__}")
+    if index.dtype != torch.int64:
+        raise TypeError(f"index: expected dtype torch.int64, got {index.dtype}")
+    nb = x.shape[0]
+    if index.dim() != 1 or index.shape[0] != nb:
+        raise ValueError(f"index: expected a 1-D tensor of length {nb} (one of {what} per sample of x, whose shape is "
+                         f"{tuple(x.shape)}), got shape {tuple(index.shape)}")
+    if index.device != x.device:
+        raise ValueError(f"index: on device {index.device}, but x is on {x.device}; all tensors must share a device")
+
+
+def check_index_range(index, count: int, what: str) -> None:
+    """Every value of ``index`` in [0, count): an out-of-range value would make a kernel read outside its stacked
+    operands. One host sync (min and max); called in the op's body, which runs eagerly also under torch.compile."""
+    import torch
+
+    if index.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(index))
+    if lo < 0 or hi >= count:
+        raise ValueError(f"index: values must lie in [0, {count}) for {count} {what}, got values from {lo} to {hi}")
+

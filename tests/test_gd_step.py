@@ -270,6 +270,235 @@ def test_gd_step_module_reexports_the_steps_and_forwards_the_poison_switch(monke
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# block CS with a sampling matrix and a step size per sample
+# --------------------------------------------------------------------------------------------------------------------
+
+def _indexed_phis():
+    """Three Φ's of different m (10%, 25%, 40% of 1089): two Gaussian ones with orthonormal rows and a random one."""
+    return [_gaussian_cs(0.10, 3).phi, _gaussian_cs(0.25, 3).phi, _random_phi(436, 6)]
+
+
+def make_indexed_case(phis, index, shape, seed, garbage=(float("nan"), 1e6)):
+    """float64 x, y (N, C, Hb, Wb, m_max), per-sample ρ and upstream gradient G. Sample n's y is a measurement of
+    another image by Φ_{index[n]} plus noise in its first m_g entries and ``garbage`` (in turn) past them."""
+    nb, c, h, w = shape
+    hb, wb = -(-h // 33), -(-w // 33)
+    m_max = max(p.shape[0] for p in phis)
+    y = torch.empty(nb, c, hb, wb, m_max, dtype=torch.float64)
+    for n, g in enumerate(index.tolist()):
+        m = phis[g].shape[0]
+        other = rnd(1, c, h, w, seed=seed + 10 + n)
+        y[n, ..., :m] = BlockCS(phis[g]).A(other)[0] + 0.1 * rnd(c, hb, wb, m, seed=seed + 20 + n)
+        y[n, ..., m:] = garbage[n % len(garbage)]
+    rho = torch.tensor([0.7, 0.45, 1.2, 0.9, 0.3, 1.05][:nb], dtype=torch.float64)
+    return {"x": rnd(*shape, seed=seed), "y": y, "g": rnd(*shape, seed=seed + 3), "rho": rho, "phis": phis,
+            "index": index}
+
+
+def indexed_reference(phis, index, x, y, rho):
+    """``BlockCS.gd_step`` sample by sample, with its Φ_g, the first m_g entries of its y and its ρ (or the one ρ)."""
+    out = []
+    for n, g in enumerate(index.tolist()):
+        m = phis[g].shape[0]
+        out.append(BlockCS(phis[g]).gd_step(x[n:n + 1], y[n:n + 1, ..., :m], rho[n] if rho.dim() else rho))
+    return torch.cat(out)
+
+
+def indexed_fn(case, algorithm="auto", mode="ieee"):
+    def step(x, y, rho):
+        return gs_cs.gd_step_cs_indexed(x, y, [p.to(x.device) for p in case["phis"]], case["index"].to(x.device),
+                                        rho, algorithm=algorithm, input_precision=mode)
+    return step
+
+
+def run_indexed(step_fn, case, dtype, device=DEVICE):
+    """z and the gradients (x, y, ρ (N,)) of ⟨z, G⟩, in float64 on the CPU (``run`` with a per-sample ρ)."""
+    x = case["x"].to(device, dtype).requires_grad_()
+    y = case["y"].to(device, dtype).requires_grad_()
+    rho = case["rho"].to(device, dtype).requires_grad_()
+    z = step_fn(x, y, rho)
+    dx, dy, drho = torch.autograd.grad(z, [x, y, rho], case["g"].to(device, dtype))
+    return {k: v.detach().double().cpu() for k, v in (("z", z), ("dx", dx), ("dy", dy), ("drho", drho))}
+
+
+def reference_indexed_fn(case):
+    return lambda x, y, rho: indexed_reference(case["phis"], case["index"], x, y, rho)
+
+
+def indexed_scales(case, ref):
+    """As ``scales``, with dρ_n judged per sample against Σ|G_n·A_gᵀ(A_g x_n − y_n)|."""
+    s = {k: v.abs().max().item() for k, v in ref.items() if k != "drho"}
+    s["drho"] = []
+    for n, g in enumerate(case["index"].tolist()):
+        op, m = BlockCS(case["phis"][g]), case["phis"][g].shape[0]
+        x = case["x"][n:n + 1]
+        adj = op.A_adjoint(op.A(x) - case["y"][n:n + 1, ..., :m], tuple(x.shape[-2:]))
+        s["drho"].append((case["g"][n:n + 1].abs() * adj.abs()).sum().item())
+    return s
+
+
+def check_indexed(case, got, ref, mode, torch_same=None):
+    sc = indexed_scales(case, ref)
+    for name in ("z", "dx", "dy"):
+        assert_close_to_reference(name, got[name], ref[name], mode, scale=sc[name],
+                                  torch_same=None if torch_same is None else torch_same[name])
+    for n, scale in enumerate(sc["drho"]):
+        assert_close_to_reference(f"drho[{n}]", got["drho"][n], ref["drho"][n], mode, scale=scale,
+                                  torch_same=None if torch_same is None else torch_same["drho"][n])
+    # Past each sample's m_g, y is not read: its gradient is exactly zero (not merely small, nor NaN).
+    for n, g in enumerate(case["index"].tolist()):
+        tail = got["dy"][n, ..., case["phis"][g].shape[0]:]
+        assert torch.equal(tail, torch.zeros_like(tail)), f"dy[{n}] past m_g"
+
+
+#        N  C  image      index         algorithm      Φ_1 (m = 272) unused, Φ_0 and Φ_2 twice / Φ_2 (m_max) unused
+@pytest.mark.parametrize("shape,index,algorithm", [
+    ((4, 1, 40, 70), (0, 2, 0, 2), "two_gemm"),
+    ((3, 2, 40, 70), (1, 0, 1), "one_gemm"),
+])
+def test_cs_indexed_matches_reference_with_gradients(shape, index, algorithm):
+    """Partial blocks, y past each m_g full of NaN / 1e6, per-sample ρ: z and the gradients of x, y and ρ against
+    float64 autograd through ``BlockCS`` sample by sample."""
+    case = make_indexed_case(_indexed_phis(), torch.tensor(index), shape, seed=sum(shape) + len(algorithm))
+    got = run_indexed(indexed_fn(case, algorithm), case, torch.float32)
+    ref = run_indexed(reference_indexed_fn(case), case, torch.float64, device="cpu")
+    check_indexed(case, got, ref, "ieee")
+
+
+def test_cs_indexed_bfloat16_against_torch_error():
+    case = make_indexed_case(_indexed_phis(), torch.tensor([2, 0, 2]), (3, 1, 33, 40), seed=45)
+    got = run_indexed(indexed_fn(case, "two_gemm"), case, torch.bfloat16)
+    torch_same = run_indexed(reference_indexed_fn(case), case, torch.bfloat16, device="cpu")
+    ref = run_indexed(reference_indexed_fn(case), case, torch.float64, device="cpu")
+    check_indexed(case, got, ref, torch.bfloat16, torch_same)
+
+
+@pytest.mark.parametrize("algorithm,nb", [("two_gemm", 1), ("two_gemm", 3), ("one_gemm", 1)])
+def test_cs_indexed_one_phi_equals_gd_step_cs(algorithm, nb):
+    """One Φ for the whole batch and one ρ (a 0-dim tensor with a gradient of that shape, or a Python float): the
+    result of ``gd_step_cs``. One image has the same block tiles, so in the interpreter (one tile config) the
+    same bits; over several images the tiles differ (a tile per image), so the same values to rounding."""
+    op = _gaussian_cs(0.10, 3)
+    phi = op.phi.float().to(DEVICE)
+    case = make_case(op, (nb, 1, 33, 40), seed=46 + nb)
+    index = torch.zeros(nb, dtype=torch.int64, device=DEVICE)
+    want = run(cs_fn(op, algorithm), case, torch.float32)
+    got = run(lambda x, y, rho: gs_cs.gd_step_cs_indexed(x, y, [phi], index, rho, algorithm=algorithm,
+                                                        input_precision="ieee"), case, torch.float32)
+    assert got["drho"].shape == ()
+    for name in want:
+        if nb == 1 and INTERPRET:
+            assert torch.equal(got[name], want[name]), name
+        assert_fp32(name, got[name], want[name], want[name].abs().max().item())
+    x, y = case["x"].float().to(DEVICE), case["y"].float().to(DEVICE)
+    z = gs_cs.gd_step_cs_indexed(x, y, (phi,), index, 0.7, algorithm=algorithm, input_precision="ieee")
+    assert_fp32("z[rho=0.7]", z.double().cpu(), want["z"], want["z"].abs().max().item())
+
+
+def test_cs_indexed_empty_batch():
+    phis = [_random_phi(20, 1).float().to(DEVICE), _random_phi(30, 2).float().to(DEVICE)]
+    x = torch.zeros(0, 1, 40, 40, device=DEVICE).requires_grad_()
+    y = torch.zeros(0, 1, 2, 2, 30, device=DEVICE)
+    rho = torch.zeros(0, device=DEVICE).requires_grad_()
+    z = gs_cs.gd_step_cs_indexed(x, y, phis, torch.zeros(0, dtype=torch.int64, device=DEVICE), rho)
+    assert z.shape == x.shape
+    z.sum().backward()
+    assert rho.grad.shape == (0,) and x.grad.shape == x.shape
+
+
+def test_cs_indexed_stack_is_cached_per_list_and_version():
+    phis = [_random_phi(40, 9).float(), _random_phi(70, 10).float()]
+    a = gs_cs._cs_stacked(phis, torch.float32, 33)
+    assert gs_cs._cs_stacked(list(phis), torch.float32, 33) is a
+    assert gs_cs._cs_stacked(phis[::-1], torch.float32, 33) is not a      # the order is the Φ numbering
+    assert gs_cs._cs_stacked(phis, torch.bfloat16, 33) is not a
+    assert a.m == 70 and a.mp == 128 and a.phi.shape == (2, 128, 1152) and a.ms.tolist() == [40, 70]
+    assert torch.equal(a.phi[0, :40, :1089], phis[0]) and not a.phi[0, 40:].any() and not a.phi[:, :, 1089:].any()
+    phis[1].mul_(2.0)  # in place: the version counter moves, the cache must not serve the old stack
+    b = gs_cs._cs_stacked(phis, torch.float32, 33)
+    assert b is not a and torch.equal(b.phi[1, :70, :1089], phis[1])
+    gs_cs.clear_cache()
+    assert gs_cs._cs_stacked(phis, torch.float32, 33) is not b
+
+
+def _cs_indexed_args():
+    return dict(x=torch.randn(3, 1, 40, 70), y=torch.randn(3, 1, 2, 3, 30), phis=[torch.randn(10, 1089),
+                torch.randn(30, 1089)], index=torch.tensor([0, 1, 1]), rho=torch.rand(3))
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(phis=torch.randn(2, 10, 1089)), TypeError, "phis: expected a list or tuple of G sampling matrices"),
+    (dict(phis=[]), ValueError, "phis: expected at least one sampling matrix, got an empty list"),
+    (dict(phis=[torch.randn(10, 1089), torch.randn(30, 1000)]), ValueError,
+     r"phis\[1\]: expected a 2-D matrix \(m, 1089\) for 33×33 blocks, got shape \(30, 1000\)"),
+    (dict(phis=[torch.randn(10, 1089), torch.randn(1089)]), ValueError, r"phis\[1\]: expected a 2-D matrix"),
+    (dict(phis=[torch.randint(0, 2, (10, 1089)), torch.randn(30, 1089)]), TypeError,
+     r"phis\[0\]: expected a floating-point tensor"),
+    (dict(phis=[torch.randn(10, 1089), "phi"]), TypeError, r"phis\[1\]: expected a torch.Tensor, got str"),
+    (dict(phis=[torch.randn(10, 1089), torch.randn(30, 1089, device="meta")]), ValueError,
+     r"phis\[1\]: on device meta, but x is on cpu"),
+    (dict(phis=[torch.randn(10, 1089, requires_grad=True), torch.randn(30, 1089)]), ValueError,
+     r"phis\[0\]: gradients with respect to phis\[0\] are not supported"),
+    (dict(index=[0, 1, 1]), TypeError, "index: expected a torch.Tensor"),
+    (dict(index=torch.tensor([0, 1, 1], dtype=torch.int32)), TypeError,
+     "index: expected dtype torch.int64, got torch.int32"),
+    (dict(index=torch.tensor([0, 1])), ValueError, r"index: expected a 1-D tensor of length 3 .* got shape \(2,\)"),
+    (dict(index=torch.tensor([[0, 1, 1]])), ValueError, "index: expected a 1-D tensor of length 3"),
+    (dict(index=torch.tensor([0, 1, 1], device="meta")), ValueError, "index: on device meta, but x is on cpu"),
+    (dict(index=torch.tensor([0, 2, 1])), ValueError,
+     r"index: values must lie in \[0, 2\) for 2 sampling matrices in phis, got values from 0 to 2"),
+    (dict(index=torch.tensor([0, -1, 1])), ValueError, r"index: values must lie in \[0, 2\).* from -1 to 1"),
+    (dict(y=torch.randn(3, 1, 2, 3, 10)), ValueError,
+     r"y: expected the last dimension m_max = 30 \(the most rows of any Φ in phis: \[10, 30\]\), got 10"),
+    (dict(y=torch.randn(3, 1, 2, 2, 30)), ValueError, "y: expected the measurement shape"),
+    (dict(y=torch.randn(3, 1, 2, 3, 30).half()), TypeError, "y: dtype torch.float16 does not match"),
+    (dict(y=torch.randn(3, 1, 2, 3, 30, device="meta")), ValueError, "y: on device meta"),
+    (dict(rho=torch.rand(2)), ValueError,
+     r"rho: expected 3 per-sample step sizes \(shape \(3,\)\) or one shared step .* got shape \(2,\)"),
+    (dict(rho=torch.rand(3, 1)), ValueError, r"rho: expected 3 per-sample step sizes"),
+    (dict(rho=torch.ones(3, dtype=torch.int64)), TypeError, "rho: expected a floating-point tensor"),
+    (dict(rho=torch.rand(3, device="meta")), ValueError, "rho: on device meta"),
+    (dict(rho=float("inf")), ValueError, "rho: expected a finite number"),
+    (dict(rho="0.5"), TypeError, "rho: expected a Python float"),
+    (dict(x=torch.randn(3, 1, 40, 70, dtype=torch.float64)), TypeError, "x: dtype torch.float64 is not supported"),
+    (dict(x=torch.randn(3, 1, 20, 70)), ValueError, "x: image 20×70 is smaller than one 33×33 block"),
+])
+def test_cs_indexed_bad_inputs(change, exc, match):
+    args = _cs_indexed_args()
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        gs_cs.gd_step_cs_indexed(args["x"], args["y"], args["phis"], args["index"], args["rho"])
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(algorithm="fast"), "algorithm: expected one of"),
+    (dict(input_precision="bf16x3"), "input_precision: expected one of"),
+    (dict(block_size=0), "block_size: expected an int ≥ 1"),
+])
+def test_cs_indexed_bad_options(kw, match):
+    args = _cs_indexed_args()
+    with pytest.raises(ValueError, match=match):
+        gs_cs.gd_step_cs_indexed(args["x"], args["y"], args["phis"], args["index"], args["rho"], **kw)
+
+
+def test_cs_indexed_opcheck(monkeypatch):
+    # opcheck runs the ops a dozen times: one pixel range in the two-GEMM path keeps that quick in the interpreter.
+    monkeypatch.setattr(gs_cs, "_cs_ksplit", lambda nblk, m, np_: 1)
+    phis = [_random_phi(20, 1).float().to(DEVICE), _random_phi(12, 2).float().to(DEVICE)]
+    index = torch.tensor([1, 0], device=DEVICE)
+    x, y = torch.randn(2, 1, 33, 33, device=DEVICE), torch.randn(2, 1, 1, 1, 20, device=DEVICE)
+    y[0, ..., 12:] = float("nan")
+    rho = torch.tensor([0.5, 0.8], device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.lorun_fast.gd_step_cs_indexed.default,
+                          (x.clone().requires_grad_(), y.clone().requires_grad_(), phis, index, rho, 33, "two_gemm",
+                           "ieee", True))
+    r = torch.randn(2, 1, 1, 1, 20, device=DEVICE)
+    torch.library.opcheck(torch.ops.lorun_fast.gd_step_cs_indexed_backward.default,
+                          (x, phis, index, torch.tensor([0.5, 0.8], device=DEVICE), r, 33, "two_gemm", "ieee", True,
+                           True, True))
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # CASSI
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -671,6 +900,20 @@ def test_gpu_cs_realistic(algorithm):
 def test_gpu_cs_large_m_two_gemm_override():
     op = BlockCS(_random_phi(1000, 8))  # m close to n: r does not fit the usual tiles; the pruner's fallback
     check_against_reference(op, cs_fn(op, algorithm="two_gemm"), make_case(op, (2, 1, 99, 70), seed=73))
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("algorithm", ["two_gemm", "one_gemm"])
+def test_gpu_cs_indexed_realistic(algorithm):
+    """A 256² batch mixing 10%, 25% and 40% sampling, compiled kernels, every dot precision and bf16."""
+    case = make_indexed_case(_indexed_phis(), torch.tensor([0, 1, 2, 2, 0, 1]), (6, 1, 256, 256), seed=77)
+    ref = run_indexed(reference_indexed_fn(case), case, torch.float64, device="cpu")
+    for mode in ("ieee", "tf32x3", "tf32"):
+        check_indexed(case, run_indexed(indexed_fn(case, algorithm, mode), case, torch.float32), ref, mode)
+    torch_same = run_indexed(reference_indexed_fn(case), case, torch.bfloat16, device="cpu")
+    check_indexed(case, run_indexed(indexed_fn(case, algorithm), case, torch.bfloat16), ref, torch.bfloat16,
+                  torch_same)
 
 
 @pytest.mark.gpu

@@ -462,6 +462,274 @@ def test_valid_padding_spellings_are_accepted():
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# per-sample adapter index (fused_lora_conv2d_indexed): always the v2 kernels
+# --------------------------------------------------------------------------------------------------------------------
+
+RANKS = (1, 4, 2)
+# Adapter 1 is never used; 0 and 2 repeat, interleaved.
+INDEX = (2, 0, 2, 2, 0)
+
+
+@pytest.fixture
+def indexed_once(conv_kernel):
+    """The indexed function ignores the v1/v2 switch: run its tests once (test_indexed_always_runs_v2 covers the
+    v1 setting)."""
+    if conv_kernel == "v1":
+        pytest.skip("fused_lora_conv2d_indexed always runs v2: the v2 run covers it")
+
+
+def make_indexed_case(n, ci, co, k, ranks, h, w, bias=True, residual=False, seed=0):
+    """Fresh float64 inputs with U = len(ranks) adapters, B_u as peft's (Co, r_u, 1, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    fan_in = ci * k * k
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE)
+
+    return {
+        "x": rnd(n, ci, h, w),
+        "weight": rnd(co, ci, k, k, scale=fan_in ** -0.5),
+        "lora_a": [rnd(r, ci, k, k, scale=fan_in ** -0.5) for r in ranks],
+        "lora_b": [rnd(co, r, 1, 1, scale=r ** -0.5) for r in ranks],
+        "bias": rnd(co) if bias else None,
+        "residual": rnd(n, co, h, w) if residual else None,
+        "grad": rnd(n, co, h, w),
+    }
+
+
+def indexed_reference(x, weight, lora_a, lora_b, index, bias, residual, scaling, relu, out_scale):
+    """Sample by sample: F.conv2d with that sample's merged weight, then the epilogue of ``reference``."""
+    ys = [reference(x[n:n + 1], weight, lora_a[u], lora_b[u], bias, None, scaling, relu, out_scale)
+          for n, u in enumerate(index.tolist())]
+    y = torch.cat(ys)
+    return y if residual is None else y + residual
+
+
+def indexed_kernel_fn(x, weight, lora_a, lora_b, index, bias, residual, scaling, relu, out_scale,
+                      input_precision="ieee"):
+    return lc.fused_lora_conv2d_indexed(x, weight, lora_a, lora_b, scaling, index, bias,
+                                        padding=weight.shape[-1] // 2, relu=relu, residual=residual,
+                                        out_scale=out_scale, input_precision=input_precision)
+
+
+def run_indexed(fn, case, index, dtype, scaling, relu, out_scale, layout="nchw", **kw):
+    """Forward + backward through ``fn``; returns (y, {name: grad or None}) in float64, names ``lora_a[u]`` etc."""
+    def leaf(t, lay="nchw"):
+        return None if t is None else to_layout(t.detach().to(dtype), lay).requires_grad_()
+
+    x, weight, bias = leaf(case["x"], layout), leaf(case["weight"]), leaf(case["bias"])
+    residual = leaf(case["residual"], layout)
+    lora_a, lora_b = [leaf(a) for a in case["lora_a"]], [leaf(b) for b in case["lora_b"]]
+    y = fn(x, weight, lora_a, lora_b, index, bias, residual, scaling, relu, out_scale, **kw)
+    y.backward(case["grad"].to(dtype))
+    named = {"x": x, "weight": weight, "bias": bias, "residual": residual}
+    named.update({f"lora_a[{u}]": a for u, a in enumerate(lora_a)})
+    named.update({f"lora_b[{u}]": b for u, b in enumerate(lora_b)})
+    grads = {k: (None if v.grad is None else v.grad.double()) for k, v in named.items() if v is not None}
+    return y.detach().double(), grads
+
+
+def _check_indexed_grads(grads, grads_ref, index, compare):
+    """Every kernel gradient exists; an unused adapter's (None in the reference) is exactly zero."""
+    used = set(index.tolist())
+    for name, want in grads_ref.items():
+        got = grads[name]
+        assert got is not None, f"d{name} is missing"
+        if want is None:
+            assert int(name[-2]) not in used and torch.equal(got, torch.zeros_like(got)), name
+        else:
+            compare(f"d{name}", got, want, name)
+
+
+#      n  ci  co  k   h  w  bias  relu   res    layout  out_scale
+INDEXED_CASES = [
+    (5, 5, 7, 3, 9, 6, True, True, True, "cl", 0.5),       # relu + residual: the saved-mask path
+    (5, 5, 7, 3, 9, 6, False, False, False, "nchw", 1.0),  # bare convolution
+    (5, 5, 7, 3, 9, 6, True, True, False, "nchw", -1.5),   # relu, no residual (mask from y), negative out_scale
+    (5, 6, 3, 1, 7, 5, True, False, True, "cl", 2.0),      # 1×1
+]
+
+
+@pytest.mark.parametrize("n,ci,co,k,h,w,bias,relu,res,layout,out_scale", INDEXED_CASES)
+def test_indexed_float32_matches_float64_reference(indexed_once, n, ci, co, k, h, w, bias, relu, res, layout,
+                                                    out_scale):
+    case = make_indexed_case(n, ci, co, k, RANKS, h, w, bias=bias, residual=res, seed=41 + k + 3 * relu)
+    index = torch.tensor(INDEX, device=DEVICE)
+    y, grads = run_indexed(indexed_kernel_fn, case, index, torch.float32, 0.75, relu, out_scale, layout)
+    y_ref, grads_ref = run_indexed(indexed_reference, case, index, torch.float64, 0.75, relu, out_scale)
+    assert_close_fp32("y", y, y_ref, "ieee")
+    assert set(grads) == set(grads_ref)
+    _check_indexed_grads(grads, grads_ref, index, lambda name, got, want, _: assert_close_fp32(name, got, want, "ieee"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_indexed_half_precision_against_torch_error(indexed_once, dtype):
+    case = make_indexed_case(5, 5, 7, 3, RANKS, 9, 6, residual=True, seed=43)
+    index = torch.tensor(INDEX, device=DEVICE)
+    y, grads = run_indexed(indexed_kernel_fn, case, index, dtype, 0.5, False, 0.8, "cl")
+    y_t, grads_t = run_indexed(indexed_reference, case, index, dtype, 0.5, False, 0.8, "cl")
+    y_ref, grads_ref = run_indexed(indexed_reference, case, index, torch.float64, 0.5, False, 0.8)
+    _assert_mixed("y", y, y_t, y_ref, dtype)
+    _check_indexed_grads(grads, grads_ref, index,
+                         lambda name, got, want, key: _assert_mixed(name, got, grads_t[key], want, dtype))
+
+
+def test_indexed_all_zero_index_equals_fused_lora_conv2d(indexed_once):
+    """With every sample on adapter 0 the indexed op computes exactly what fused_lora_conv2d (v2) computes with
+    adapter 0: the same merged weight, kernels and reduction order; the other adapters get zero gradients."""
+    case = make_indexed_case(3, 5, 7, 3, RANKS, 9, 6, residual=True, seed=47)
+    index = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    y, grads = run_indexed(indexed_kernel_fn, case, index, torch.float32, 0.5, True, 0.7, "cl")
+
+    def single(x, weight, lora_a, lora_b, index, bias, residual, scaling, relu, out_scale):
+        return fused_lora_conv2d(x, weight, lora_a[0], lora_b[0], scaling, bias, padding=1, relu=relu,
+                                 residual=residual, out_scale=out_scale, input_precision="ieee")
+
+    y1, grads1 = run_indexed(single, case, index, torch.float32, 0.5, True, 0.7, "cl")
+    assert torch.equal(y, y1)
+    for name, want in grads1.items():
+        if want is None:
+            assert torch.equal(grads[name], torch.zeros_like(grads[name])), name
+        else:
+            assert torch.equal(grads[name], want), name
+
+
+def test_indexed_always_runs_v2(conv_kernel, monkeypatch):
+    """Under either setting of the switch (v1 included) the indexed function launches only the v2 kernels."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a v1 launcher ran")
+
+    monkeypatch.setattr(lc, "_launch_conv", forbidden)
+    monkeypatch.setattr(lc, "conv_weight_grad", forbidden)
+    case = make_indexed_case(3, 4, 5, 3, (2, 1), 5, 6, seed=49)
+    index = torch.tensor([1, 0, 1], device=DEVICE)
+    y, grads = run_indexed(indexed_kernel_fn, case, index, torch.float32, 0.5, True, 1.0)
+    y_ref, grads_ref = run_indexed(indexed_reference, case, index, torch.float64, 0.5, True, 1.0)
+    assert_close_fp32("y", y, y_ref, "ieee")
+    _check_indexed_grads(grads, grads_ref, index, lambda name, got, want, _: assert_close_fp32(name, got, want, "ieee"))
+
+
+def test_indexed_gradients_only_where_required(indexed_once):
+    """A frozen base and a subset of trainable adapters: only those get gradients, and they match the reference."""
+    case = make_indexed_case(4, 4, 5, 3, RANKS, 5, 6, seed=51)
+    index = torch.tensor([2, 1, 1, 2], device=DEVICE)
+    x, w, bias = case["x"].float(), case["weight"].float(), case["bias"].float()
+    a = [t.float().requires_grad_(u == 1) for u, t in enumerate(case["lora_a"])]
+    b = [t.float().requires_grad_(u == 2) for u, t in enumerate(case["lora_b"])]
+    y = lc.fused_lora_conv2d_indexed(x, w, a, b, 0.5, index, bias, padding=1, relu=True, input_precision="ieee")
+    y.backward(case["grad"].float())
+    ra = [t.clone().requires_grad_(u == 1) for u, t in enumerate(case["lora_a"])]
+    rb = [t.clone().requires_grad_(u == 2) for u, t in enumerate(case["lora_b"])]
+    indexed_reference(case["x"], case["weight"], ra, rb, index, case["bias"], None, 0.5, True, 1.0).backward(
+        case["grad"])
+    assert [t.grad is None for t in a] == [True, False, True]
+    assert [t.grad is None for t in b] == [True, True, False]
+    assert_close_fp32("dlora_a[1]", a[1].grad.double(), ra[1].grad, "ieee")
+    assert_close_fp32("dlora_b[2]", b[2].grad.double(), rb[2].grad, "ieee")
+
+
+def test_indexed_empty_batch(indexed_once):
+    case = make_indexed_case(1, 4, 5, 3, RANKS, 5, 6)
+    x = case["x"].float()[:0].requires_grad_()
+    a = [t.float().requires_grad_() for t in case["lora_a"]]
+    y = lc.fused_lora_conv2d_indexed(x, case["weight"].float(), a, [t.float() for t in case["lora_b"]], 1.0,
+                                     torch.zeros(0, dtype=torch.int64, device=DEVICE))
+    assert y.shape == (0, 5, 5, 6)
+    y.sum().backward()
+    assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in a)
+
+
+def test_opcheck_indexed_custom_ops(indexed_once):
+    case = make_indexed_case(3, 4, 5, 3, (1, 3), 5, 6, residual=True, seed=53)
+    index = torch.tensor([1, 0, 1], device=DEVICE)
+    x, w, bias, res = (case[k].float() for k in ("x", "weight", "bias", "residual"))
+    for requires_grad in (False, True):
+        x_, w_, bias_ = (t.clone().requires_grad_(requires_grad) for t in (x, w, bias))
+        a = [t.float().requires_grad_(requires_grad) for t in case["lora_a"]]
+        b = [t.float().requires_grad_(requires_grad) for t in case["lora_b"]]
+        torch.library.opcheck(torch.ops.lorun_fast.lora_conv2d_indexed.default,
+                              (x_, w_, a, b, index, bias_, res, 0.5, True, 1.0, "ieee"))
+    a, b = [t.float() for t in case["lora_a"]], [t.float() for t in case["lora_b"]]
+    grad = case["grad"].float()
+    torch.library.opcheck(torch.ops.lorun_fast.lora_conv2d_indexed_backward.default,
+                          (grad, x, w, a, b, index, None, 0.5, False, True, 1.0, "ieee", True, True, True, True, True))
+    relu_mask = (torch.randn(grad.shape, generator=torch.Generator().manual_seed(0)) > 0).to(torch.uint8)
+    torch.library.opcheck(torch.ops.lorun_fast.lora_conv2d_indexed_backward.default,
+                          (grad, x, w, a, b, index, relu_mask.to(DEVICE), 0.5, True, False, -0.5, "ieee", True,
+                           False, True, False, True))
+
+
+def test_indexed_torch_compile_fullgraph_aot_eager(indexed_once):
+    case = make_indexed_case(3, 4, 5, 3, (1, 3), 5, 6, residual=True, seed=55)
+    index = torch.tensor([1, 0, 1], device=DEVICE)
+
+    def loss_fn(x, w, bias, res, a0, a1, b0, b1):
+        y = lc.fused_lora_conv2d_indexed(x, w, [a0, a1], [b0, b1], 0.5, index, bias, padding=1, relu=True,
+                                         residual=res, out_scale=0.5, input_precision="ieee")
+        return (y * y).mean()
+
+    leaves = [case[k].float() for k in ("x", "weight", "bias", "residual")]
+    leaves += [t.float() for t in case["lora_a"]] + [t.float() for t in case["lora_b"]]
+    eager = [t.clone().requires_grad_() for t in leaves]
+    comp = [t.clone().requires_grad_() for t in leaves]
+    loss_e = loss_fn(*eager)
+    loss_c = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(*comp)
+    loss_e.backward()
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-7)
+    for i, (ge, gc) in enumerate(zip(eager, comp)):
+        torch.testing.assert_close(gc.grad, ge.grad, rtol=1e-6, atol=1e-7, msg=f"leaf {i}")
+
+
+def _valid_indexed_args():
+    return dict(x=torch.randn(3, 4, 5, 5), weight=torch.randn(6, 4, 3, 3),
+                lora_a=[torch.randn(2, 4, 3, 3), torch.randn(1, 4, 3, 3), torch.randn(2, 4, 3, 3)],
+                lora_b=[torch.randn(6, 2, 1, 1), torch.randn(6, 1, 1, 1), torch.randn(6, 2)], scaling=1.0,
+                index=torch.tensor([0, 2, 0]), bias=torch.randn(6), padding=1, residual=None, relu=False,
+                out_scale=1.0, input_precision="tf32")
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(index=torch.tensor([0, 2, 0], dtype=torch.int32)), TypeError,
+     r"index: expected dtype torch.int64, got torch.int32"),
+    (dict(index=[0, 2, 0]), TypeError, "index: expected a torch.Tensor"),
+    (dict(index=torch.tensor([0, 2])), ValueError, r"index: expected a 1-D tensor of length 3 .* got shape \(2,\)"),
+    (dict(index=torch.zeros(3, 1, dtype=torch.int64)), ValueError, r"index: expected a 1-D tensor of length 3"),
+    (dict(index=torch.zeros(3, dtype=torch.int64, device="meta")), ValueError, "index: on device meta"),
+    (dict(index=torch.tensor([0, 3, 0])), ValueError, r"index: values must lie in \[0, 3\) for 3 adapters, got "
+                                                     r"values from 0 to 3"),
+    (dict(index=torch.tensor([0, -1, 0])), ValueError, r"index: values must lie in \[0, 3\).*from -1 to 0"),
+    (dict(lora_b=[torch.randn(6, 2, 1, 1), torch.randn(6, 1, 1, 1)]), ValueError,
+     r"lora_b: expected one B per A \(3 adapters in lora_a\), got 2"),
+    (dict(lora_a=torch.randn(2, 4, 3, 3)), TypeError, "lora_a: expected a list or tuple of U tensors"),
+    (dict(lora_a=[], lora_b=[]), ValueError, "lora_a: expected at least one adapter"),
+    (dict(lora_a=[torch.randn(2, 4, 3, 3), torch.randn(1, 4, 1, 1), torch.randn(2, 4, 3, 3)]), ValueError,
+     r"lora_a\[1\]: expected shape \(r, 4, 3, 3\)"),
+    (dict(lora_b=[torch.randn(6, 2, 1, 1), torch.randn(6, 1, 1, 1), torch.randn(6, 3)]), ValueError,
+     r"lora_b\[2\]: rank 3 does not match lora_a\[2\]'s rank 2"),
+    (dict(lora_b=[torch.randn(5, 2, 1, 1), torch.randn(6, 1, 1, 1), torch.randn(6, 2)]), ValueError,
+     r"lora_b\[0\]: expected 6 output channels"),
+    (dict(lora_b=[torch.randn(6, 2, 1, 1), torch.randn(6, 1, 3, 3), torch.randn(6, 2)]), ValueError,
+     r"lora_b\[1\]: expected shape \(6, r\) or \(6, r, 1, 1\)"),
+    (dict(lora_a=[torch.randn(2, 4, 3, 3).double(), torch.randn(1, 4, 3, 3), torch.randn(2, 4, 3, 3)]), TypeError,
+     r"lora_a\[0\]: dtype torch.float64 does not match"),
+    (dict(lora_b=[torch.randn(6, 2, 1, 1), "B", torch.randn(6, 2)]), TypeError,
+     r"lora_b\[1\]: expected a torch.Tensor"),
+    (dict(weight=torch.randn(6, 4, 5, 5)), ValueError, "weight: kernel must be 1×1 or 3×3"),
+    (dict(x=torch.randn(3, 5, 5, 5)), ValueError, "x: expected 4 channels"),
+    (dict(padding=0), ValueError, "padding: only 'same' padding"),
+    (dict(residual=torch.randn(3, 6, 5, 4)), ValueError, "residual: expected the output's shape"),
+])
+def test_indexed_bad_inputs_raise_naming_the_argument(indexed_once, change, exc, match):
+    args = _valid_indexed_args()
+    args.update(change)
+    x, w, a, b, s, index = (args.pop(k) for k in ("x", "weight", "lora_a", "lora_b", "scaling", "index"))
+    bias = args.pop("bias")
+    with pytest.raises(exc, match=match):
+        lc.fused_lora_conv2d_indexed(x, w, a, b, s, index, bias, **args)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # GPU only: realistic shapes, tuned configs, TF32 and bf16
 # --------------------------------------------------------------------------------------------------------------------
 
