@@ -19,7 +19,8 @@ py="${PYTHON:-python3}"
 # 1. Correctness on the device: every kernel test compiled for the GPU (two tile configs each, one at 8 warps),
 #    the fused layer and model tests, and everything marked gpu.
 LORUN_FAST_TUNE=0 timeout 200 "$py" -m pytest tests/test_lora_conv.py tests/test_gd_step.py \
-    tests/test_lora_conv_layer.py tests/test_reference_dun.py -q -rfEs --junitxml="$out/gpu-tests.xml" \
+    tests/test_lora_conv_layer.py tests/test_reference_dun.py tests/test_adapter_sets.py -q -rfEs \
+    --junitxml="$out/gpu-tests.xml" \
     > "$out/gpu-tests.log" 2>&1
 tests_rc=$?
 
@@ -35,6 +36,10 @@ LORUN_FAST_CONV_KERNEL=v1 timeout 120 "$py" bench/run.py --stages 9 --no-sweep -
     > "$out/run-v1.log" 2>&1
 v1_rc=$?
 
+# 4. Mixed adapter batches: one pass (indexed kernels) vs K batched calls vs a loop, 3 sets, batch 24, 256².
+timeout 90 "$py" bench/adapter_sets.py --out "$out/adapter-sets" > "$out/adapter-sets.log" 2>&1
+sets_rc=$?
+
 echo "== gpu_check: $(head -n 1 "$out/machine.txt") =="
 grep -m1 -E "NVIDIA (H|A)[0-9]+" "$out/machine.txt" || true
 echo "GPU tests (rc $tests_rc): $(tail -n 1 "$out/gpu-tests.log")"
@@ -44,4 +49,6 @@ sed -n '/^DUN providers/,/^Stage sweep/p' "$out/run.log" | head -n 30
 grep -E "^lora-conv/|^gd-step/" "$out/run.log" | grep -E "fused|triton" | head -n 24
 echo "lorun-fused with the v1 convolution (rc $v1_rc):"
 grep -E "^lorun-fused" "$out/run-v1.log" | head -n 4
-exit $(( tests_rc != 0 || run_rc != 0 || v1_rc != 0 ))
+echo "mixed adapter batches (rc $sets_rc):"
+grep -E "^(mixed|separate|loop) " "$out/adapter-sets.log" | head -n 3
+exit $(( tests_rc != 0 || run_rc != 0 || v1_rc != 0 || sets_rc != 0 ))

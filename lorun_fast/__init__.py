@@ -7,10 +7,11 @@ before torch is loaded.
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["FusedLoRunConv", "ModelConfig", "build_dun", "to_fast", "to_reference", "__version__"]
+__all__ = ["FusedLoRunConv", "ModelConfig", "build_dun", "to_fast", "to_reference", "AdapterSets", "__version__"]
 
 _LAZY = {"FusedLoRunConv": "lorun_fast.lora_conv", "ModelConfig": "lorun_fast.models",
-         "build_dun": "lorun_fast.models", "to_fast": "lorun_fast.models", "to_reference": "lorun_fast.models"}
+         "build_dun": "lorun_fast.models", "to_fast": "lorun_fast.models", "to_reference": "lorun_fast.models",
+         "AdapterSets": "lorun_fast.adapter_sets"}
 
 
 def __getattr__(name: str):

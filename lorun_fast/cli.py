@@ -192,9 +192,11 @@ def _write_csv(path: Path, results) -> None:
 
     buffer = _io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(RESULTS_HEADER)
+    mixed = any(getattr(r, "adapters", "") for r in results)
+    writer.writerow(RESULTS_HEADER + (["adapters"] if mixed else []))
     for r in results:
-        writer.writerow([r.name, r.height, r.width, f"{r.psnr:.4f}", f"{r.ssim:.6f}", f"{r.seconds:.4f}"])
+        writer.writerow([r.name, r.height, r.width, f"{r.psnr:.4f}", f"{r.ssim:.6f}", f"{r.seconds:.4f}"]
+                        + ([r.adapters] if mixed else []))
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -205,7 +207,7 @@ def _earlier_eval_files(out: Path) -> set[str]:
         rows = list(csv.reader((out / "results.csv").read_text(encoding="utf-8").splitlines()))
     except (OSError, UnicodeDecodeError, csv.Error):
         return set()
-    if not rows or rows[0] != RESULTS_HEADER:
+    if not rows or rows[0][:len(RESULTS_HEADER)] != RESULTS_HEADER:
         return set()
     return ({"results.csv"} | {f"{row[0]}.png" for row in rows[1:] if row}
             | {f"{row[0]}_spectra.png" for row in rows[1:] if row})
@@ -436,35 +438,109 @@ def cmd_eval(args) -> int:
     if args.method not in METHODS[task]:
         raise CLIError(f"--method {args.method}: the {task} task offers {', '.join(METHODS[task])}")
     _check_method_source(args)
+    if args.manifest is not None and task != "cs":
+        raise CLIError(f"--manifest: mixed batches are evaluated for the cs task, not {task}")
     if task == "cassi":
         return _eval_cassi(args, device)
     if task == "sr":
         return _eval_sr(args, device)
     if args.checkpoint is None:
         raise CLIError("eval: --checkpoint is required for the cs task")
+    if args.manifest is not None:
+        return _eval_mixed(args, device)
     images = _image_paths(args.images)  # a bad folder fails before the model is built
     names = output_names(images)
     out = _check_eval_out(args, images, names) if args.out else None
     model = _load(args, _operator(args, args.checkpoint, args.adapters))
     _stop_if_interrupted()
+    results = _evaluate_keeping_rows(
+        lambda results: evaluate_cs(model, images, out_dir=out, device=device, dtype=_dtype(args.dtype),
+                                    progress=not args.quiet, results=results), out, len(images))
+    if results is None:
+        return 130
+    _print_results(args, results, out)
+    return 0
+
+
+def _evaluate_keeping_rows(evaluate, out, total: int):
+    """``evaluate(results)``, which appends a row per finished image; on Ctrl-C the rows so far go to
+    ``out/results.csv`` (the folder stays recognisably an evaluation's, so a rerun may replace it) and None is
+    returned (exit status 130)."""
     results = []
     try:
-        evaluate_cs(model, images, out_dir=out, device=device, dtype=_dtype(args.dtype), progress=not args.quiet,
-                    results=results)
+        evaluate(results)
     except KeyboardInterrupt:
-        if out is not None and results:  # the folder stays recognisably an evaluation's, so a rerun may replace it
+        if out is not None and results:
             _write_csv(out / "results.csv", results)
-            print(f"interrupted after {len(results)} of {len(images)} images; results.csv in {out} holds those",
+            print(f"interrupted after {len(results)} of {total} images; results.csv in {out} holds those",
                   file=sys.stderr)
-            return 130
+            return None
         raise
+    return results
+
+
+def _eval_mixed(args, device) -> int:
+    """eval --manifest: images that each name their adapter set, reconstructed in mixed batches on one base."""
+    from lorun_fast.adapter_sets import AdapterSets, load_adapter_sets, read_manifest
+    from lorun_fast.evaluate import evaluate_cs_mixed, output_names
+
+    given = [option for option, dest in (("--adapters", "adapters"), ("--ratio", "ratio"), ("--phi", "phi"),
+                                         ("--qinit", "qinit"), ("--gaussian", "gaussian"))
+             if getattr(args, dest, None) is not None]
+    if given:
+        raise CLIError(f"{', '.join(given)}: with --manifest each set's file gives its adapters and Φ; drop "
+                       f"{'them' if len(given) > 1 else 'it'}")
+    if Path(args.checkpoint).suffix != ".safetensors":
+        raise CLIError(f"--checkpoint {args.checkpoint}: --manifest needs the lorun_fast base (.safetensors) the "
+                       f"sets were trained on")
+    files, assignment = read_manifest(args.manifest)
+    images = _image_paths(args.images)
+    unnamed = [p.name for p in images if p.name not in assignment]
+    if unnamed:
+        raise CLIError(f"--manifest {args.manifest}: names no adapter set for {unnamed[:5]}"
+                       f"{f' and {len(unnamed) - 5} more' if len(unnamed) > 5 else ''}")
+    absent = sorted(set(assignment) - {p.name for p in images})
+    if absent:
+        raise CLIError(f"--manifest {args.manifest}: lists {absent[:5]}, which --images does not hold")
+    names = output_names(images)
+    out = _check_eval_out(args, images, names) if args.out else None
+    used = sorted({assignment[p.name] for p in images})
+    sets = AdapterSets(load_adapter_sets(args.checkpoint, {name: files[name] for name in used}))
+    _stop_if_interrupted()
+    results = _evaluate_keeping_rows(
+        lambda results: evaluate_cs_mixed(sets, images, [assignment[p.name] for p in images], out_dir=out,
+                                          device=device, dtype=_dtype(args.dtype), batch_size=args.batch_size,
+                                          progress=not args.quiet, results=results), out, len(images))
+    if results is None:
+        return 130
     _print_results(args, results, out)
+    from lorun_fast.evaluate import mean_scores
+
+    for name in used:
+        mine = [r for r in results if r.adapters == name]
+        mean_psnr, mean_ssim = mean_scores(mine)
+        print(f"  set {name}: {len(mine)} images, mean PSNR {mean_psnr:.2f} dB, mean SSIM {mean_ssim:.4f}")
     return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # restore
 # ----------------------------------------------------------------------------------------------------------------
+def _adapters_from_manifest(args) -> None:
+    """restore --manifest: --adapters becomes the file of the set the manifest names for --image."""
+    from lorun_fast.adapter_sets import read_manifest
+
+    if args.adapters is not None:
+        raise CLIError("--adapters: with --manifest the manifest names the adapter set; drop --adapters")
+    if args.image is None:
+        raise CLIError("--manifest: needs --image (the manifest names sets by image file name)")
+    files, assignment = read_manifest(args.manifest)
+    name = Path(args.image).name
+    if name not in assignment:
+        raise CLIError(f"--manifest {args.manifest}: names no adapter set for {name}")
+    args.adapters = str(files[assignment[name]])
+
+
 def cmd_restore(args) -> int:
     import time
 
@@ -475,6 +551,8 @@ def cmd_restore(args) -> int:
     from lorun_fast.io import check_not_inputs, check_writable_folder, read_gray, same_file, write_png_atomic
     from lorun_fast.metrics import psnr, ssim
 
+    if args.manifest is not None:
+        _adapters_from_manifest(args)
     _check_sources(args)
     task = _task_name(args)
     if args.method not in METHODS[task]:
@@ -1265,6 +1343,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="model (the checkpoint; cs, cassi); x0 (the initialisation) or gap-tv (Yuan 2016) for "
                          "cassi; bicubic (MATLAB bicubic upscaling) for sr")
     _add_task_options(ev)
+    ev.add_argument("--manifest", help="cs: a mixed batch. JSON {\"adapters\": {set: file}, \"images\": {image file "
+                    "name: set}} (paths relative to it): --checkpoint is the base all sets share, each image is "
+                    "measured with its set's Φ (recorded in the set's file) and reconstructed with its adapters, "
+                    "several sets per batch")
+    ev.add_argument("--batch-size", type=_positive(int), default=8, help="--manifest: images per mixed batch")
     g = ev.add_argument_group("cassi task")
     g.add_argument("--mask", help="coded-aperture mask .mat (key 'mask'; default $LORUN_DATA/cassi/mask.mat); its "
                    "size is the size of the evaluated tiles")
@@ -1297,6 +1380,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--image", help="the original image (cassi: a .mat/.npy cube) to measure and reconstruct")
     source.add_argument("--measurement", help="a .npy measurement instead of --image: block measurements (Hb, Wb, m) "
                         "for cs, (H, W + 54) for cassi")
+    rs.add_argument("--manifest", help="a mixed-batch manifest (see eval --manifest): the adapter set it names for "
+                    "--image (by file name) goes on the base in --checkpoint, instead of --adapters")
     rs.add_argument("--size", type=_positive(int), nargs=2, metavar=("H", "W"),
                     help="with --measurement: crop the reconstruction to H×W")
     rs.add_argument("--original", help="reference image for PSNR/SSIM (default: --image)")

@@ -18,8 +18,8 @@ from lorun_fast.io import list_images, read_gray, write_png_atomic
 from lorun_fast.metrics import SSIM_WIN_SIZE, psnr, ssim
 from lorun_fast.reference import DUN, BlockCS
 
-__all__ = ["ImageResult", "ista_pad", "reconstruct_cs", "evaluate_cs", "format_table", "output_names",
-           "check_finite_output", "check_scorable"]
+__all__ = ["ImageResult", "ista_pad", "reconstruct_cs", "evaluate_cs", "evaluate_cs_mixed", "format_table",
+           "output_names", "check_finite_output", "check_scorable"]
 
 
 @dataclass
@@ -30,6 +30,7 @@ class ImageResult:
     psnr: float
     ssim: float
     seconds: float
+    adapters: str = ""  # the adapter set of a mixed batch (evaluate_cs_mixed)
 
 
 def ista_pad(image: np.ndarray, block_size: int = 33) -> np.ndarray:
@@ -116,6 +117,61 @@ def evaluate_cs(model: DUN, images: list[Path], out_dir: Path | None = None, dev
         if out_dir is not None:
             write_png_atomic(Path(out_dir) / f"{name}.png", x_rec)
         results.append(row)
+    return results
+
+
+def evaluate_cs_mixed(sets, images: list[Path], adapters: list[str], out_dir: Path | None = None,
+                      device: str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 8,
+                      progress: bool = False, results: list[ImageResult] | None = None) -> list[ImageResult]:
+    """The protocol of :func:`evaluate_cs` for images that each name their adapter set (``adapters[i]`` for
+    ``images[i]``) and are measured with that set's Φ: consecutive images of one padded size share a batch (up to
+    ``batch_size``), reconstructed in one :class:`~lorun_fast.adapter_sets.AdapterSets` forward. ``seconds`` is
+    the batch's time divided among its images."""
+    if len(adapters) != len(images):
+        raise ValueError(f"adapters: {len(adapters)} set names for {len(images)} images")
+    names = output_names(images)
+    sets = sets.to(device=device, dtype=dtype).eval()
+    results = [] if results is None else results
+    block = sets.sets[sets.names[0]].operator.block_size
+    pending: list[tuple[str, Path, np.ndarray, str]] = []
+
+    def flush():
+        if not pending:
+            return
+        start = time.perf_counter()
+        xs = [torch.from_numpy(ista_pad(img.astype(np.float64) / 255.0, block)).to(device=device,
+                                                                                   dtype=dtype)[None, None]
+              for _, _, img, _ in pending]
+        size = tuple(xs[0].shape[-2:])
+        with torch.no_grad():
+            ys = [sets.sets[a].operator.A(x) for x, (_, _, _, a) in zip(xs, pending)]
+            x_rec = sets(ys, [a for _, _, _, a in pending], size)
+        check_finite_output(x_rec, "model")
+        seconds = (time.perf_counter() - start) / len(pending)
+        for row, (name, path, original, adapter) in enumerate(pending):
+            h, w = original.shape
+            rec = np.clip(x_rec[row, 0, :h, :w].double().cpu().numpy(), 0.0, 1.0)
+            reference = original.astype(np.float64)
+            result = ImageResult(name, h, w, psnr(rec * 255.0, reference), ssim(rec * 255.0, reference), seconds,
+                                 adapter)
+            if out_dir is not None:
+                write_png_atomic(Path(out_dir) / f"{name}.png", rec)
+            results.append(result)
+        pending.clear()
+
+    iterator = list(zip(names, images, adapters))
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(iterator, desc="eval", unit="img")
+    for name, path, adapter in iterator:
+        original = read_gray(path)
+        check_scorable(original, path)
+        padded = tuple(d + block - d % block for d in original.shape)  # ista_pad's size
+        if pending and (len(pending) >= batch_size
+                        or tuple(d + block - d % block for d in pending[0][2].shape) != padded):
+            flush()
+        pending.append((name, path, original, adapter))
+    flush()
     return results
 
 

@@ -64,6 +64,42 @@ def _padding_of(conv: nn.Module) -> tuple[int, int]:
     return _pair(conv.padding)
 
 
+class _IndexRuns:
+    """How a per-image stage index splits a batch of ``num_rows`` image-major rows: ``rows`` (the stage of every row),
+    ``used`` (the stages present, ascending), ``slots`` (each row's position in ``used``, for the kernel) and
+    ``spans`` ((stage, first row, end row) when equal stages are contiguous, else None)."""
+
+    def __init__(self, index: torch.Tensor, num_rows: int):
+        self.rows = index.long().repeat_interleave(num_rows // index.numel())
+        self.used = torch.unique(self.rows).tolist()
+        slot = torch.full((max(self.used, default=0) + 1,), -1, dtype=torch.long, device=index.device)
+        slot[self.used] = torch.arange(len(self.used), device=index.device)
+        self.slots = slot[self.rows]
+        stages = self.rows.tolist()
+        changes = [i for i in range(1, len(stages)) if stages[i] != stages[i - 1]]
+        bounds = [0, *changes, len(stages)]
+        spans = [(stages[a], a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        self.spans = spans if len({u for u, _, _ in spans}) == len(spans) else None
+
+
+# The last index seen and its runs: every layer of a denoiser pass gets the same index tensor, so its runs (and the
+# host syncs that find them) are worked out once per pass, not once per layer.
+_last_runs: list = [None]
+
+
+def _index_runs(index: torch.Tensor, num_rows: int, num_stages: int, check) -> _IndexRuns:
+    """The runs of ``index``, after ``check()`` (which validates it for a layer of ``num_stages``) unless the same
+    index was just checked for the same row count and stage count."""
+    key = (index._version, num_rows, num_stages)
+    hit = _last_runs[0]
+    if hit is not None and hit[0] is index and hit[1] == key:
+        return hit[2]
+    check()
+    runs = _IndexRuns(index, num_rows)
+    _last_runs[0] = (index, key, runs)
+    return runs
+
+
 class FusedLoRunConv(LoRAConv2d):
     """A LoRA convolution with ``num_stages`` adapters, computed by the fused Triton kernel where it can be.
 
@@ -327,7 +363,10 @@ class FusedLoRunConv(LoRAConv2d):
 
     def _forward(self, x, stage, relu, residual, out_scale) -> torch.Tensor:
         """Every other forward, with every check and its message."""
-        stage = check_stage(self.active_stage if stage is None else stage, self.num_stages)
+        stage = self.active_stage if stage is None else stage
+        if isinstance(stage, torch.Tensor) and stage.dim() == 1:
+            return self._forward_indexed(x, stage, relu, residual, out_scale)
+        stage = check_stage(stage, self.num_stages)
         tensors = self._stage_tensors(stage)
         self._check_input(x, tensors[0])
         self._check_epilogue(x, residual, out_scale)
@@ -363,6 +402,56 @@ class FusedLoRunConv(LoRAConv2d):
             y = merged_conv(self, x, stage, self._cached_merge(stage, "merged", tensors[:3]) if cache else None)
         else:
             y = LoRAConv2d.forward(self, x, stage)
+        if relu:
+            y = F.relu(y)
+        if out_scale != 1.0:
+            y = y * out_scale
+        return y if residual is None else y + residual
+
+    def _check_index(self, index: torch.Tensor, x: torch.Tensor) -> None:
+        if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
+            raise TypeError(f"stage: a per-sample stage index must be an integer tensor, got {index.dtype}")
+        if index.device != x.device:
+            raise ValueError(f"stage: the per-sample index is on {index.device}, x on {x.device}")
+        if index.numel() == 0 or x.shape[0] % index.numel():
+            raise ValueError(f"stage: one stage per image, and x's rows must be a whole number of rows per image: got "
+                             f"{index.numel()} stages for {x.shape[0]} rows")
+        if int(index.min()) < 0 or int(index.max()) >= self.num_stages:
+            raise IndexError(f"stage: per-sample stages must be in [0, {self.num_stages}), got values from "
+                             f"{int(index.min())} to {int(index.max())}")
+
+    def _forward_indexed(self, x, index, relu, residual, out_scale) -> torch.Tensor:
+        """A batch whose images use different stages (adapters): ``index`` holds one stage per image and x's rows are
+        image-major (``x.shape[0] = len(index)·b``, e.g. an image cut into b blocks). The Triton path serves the
+        batch in one launch (a per-sample weight index); the others convolve each stage's rows with its merged
+        weight (cached when no gradient is needed): slices of the batch when the index is sorted (what
+        ``AdapterSets`` gives), gathered rows otherwise."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        self._check_input(x, self._stage_tensors(0)[0])
+        runs = _index_runs(index, x.shape[0], self.num_stages, lambda: self._check_index(index, x))
+        self._check_epilogue(x, residual, out_scale)
+        if not runs.used:  # an empty batch
+            return self._forward(x, int(index[0]), relu, residual, out_scale)
+        if self.resolve_backend(x) == "triton" and (x.is_cuda or interpreting()):
+            from lorun_fast.kernels.lora_conv import fused_lora_conv2d_indexed
+
+            base = self.base_layer
+            return fused_lora_conv2d_indexed(
+                x, base.weight, [self.lora_A[str(u)].weight for u in runs.used],
+                [self.lora_B[str(u)].weight for u in runs.used], self.scaling, runs.slots, base.bias,
+                padding=_pair(base.kernel_size)[0] // 2, relu=relu, residual=residual, out_scale=out_scale,
+                input_precision=self.input_precision)
+        if runs.spans is not None:
+            y = torch.cat([self.forward(x[a:b], u) for u, a, b in runs.spans])  # short path when it can
+        else:
+            y = None
+            for u in runs.used:
+                picked = (runs.rows == u).nonzero().squeeze(1)
+                part = self._forward(x.index_select(0, picked), u, False, None, 1.0)
+                if y is None:
+                    y = part.new_zeros((x.shape[0], *part.shape[1:]))
+                y = y.index_copy(0, picked, part)
         if relu:
             y = F.relu(y)
         if out_scale != 1.0:
