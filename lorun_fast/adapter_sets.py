@@ -16,8 +16,9 @@ use different sets, as punica and S-LoRA serve LLM adapters, for DUN stages and 
   images with that set's merged weight. Sets with per-stage base parameters (e.g. ISTA-Net+'s θ_k) run the
   denoiser set by set instead, since those parameters are not per sample.
 
-The combined layers hold copies of the sets' adapters and step sizes: ``forward`` is for serving (its gradients
-reach those copies, not the sets' own models, which ``reference`` runs).
+The base is held once: the sets' own DUNs (what ``reference`` runs) use the combined denoiser's base tensors. The
+combined layers hold copies of the sets' adapters and step sizes: ``forward`` is for serving (its gradients reach
+those copies, not the sets' own models).
 
 Measurements come as a list (one tensor per sample, as its set's operator makes them for a batch of one; sizes may
 differ between sets, e.g. CS at different ratios) or as one batch when they share a shape. All samples share one
@@ -34,7 +35,7 @@ from torch import nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 from lorun_fast.lora_conv import FusedLoRunConv
-from lorun_fast.models import StageOffset, base_state
+from lorun_fast.models import StageOffset, base_state, is_adapter_parameter
 from lorun_fast.operators import fast_operator, has_fast_sibling
 from lorun_fast.reference import DUN, lora_layers
 
@@ -88,6 +89,7 @@ class AdapterSets(nn.Module):
             if has_fast_sibling(m.operator) else m.operator for m in models.values()])
         self.rho = nn.Parameter(torch.stack([m.rho.detach() for m in models.values()]).clone())
         self.denoiser = self._combine([models[n] for n in self.names], backend, input_precision)
+        self._share_base([models[n] for n in self.names])
         self._layers = [m for m in self.denoiser.modules() if isinstance(m, FusedLoRunConv)]
         self._offsets = [m for m in self.denoiser.modules() if isinstance(m, StageOffset)]
         self._measurement_shapes: dict = {}
@@ -126,6 +128,20 @@ class AdapterSets(nn.Module):
         for i, offset in enumerate(m for m in denoiser.modules() if isinstance(m, StageOffset)):
             offset.delta = nn.Parameter(torch.cat([found[i].delta.detach() for found in offsets]).clone())
         return denoiser
+
+    def _share_base(self, models: list[DUN]) -> None:
+        """Make every set's own DUN use the combined denoiser's base tensors (they are equal, checked above), so
+        that the base is held once however many sets there are; the adapters stay each set's."""
+        combined = dict(self.denoiser.named_parameters())
+        for model in models:
+            denoiser = model.denoisers[0]
+            for name, param in list(denoiser.named_parameters()):
+                if is_adapter_parameter(f"denoisers.0.{name}") or name not in combined \
+                        or combined[name].shape != param.shape:
+                    continue
+                owner_name, _, attr = name.rpartition(".")
+                owner = denoiser.get_submodule(owner_name) if owner_name else denoiser
+                owner._parameters[attr] = combined[name]  # no registration: the same tensor, not a new one
 
     # -- inputs ------------------------------------------------------------------------------------------------
     def _prepare(self, y, adapters, size):

@@ -345,3 +345,16 @@ def test_restore_takes_the_set_a_manifest_names(tmp_path, capsys):
     assert main(["restore", "--checkpoint", base, "--manifest", str(manifest), "--image", str(tmp_path / "b.png"),
                  "--out", str(tmp_path / "x.png")]) == 2
     assert "names no adapter set for b.png" in capsys.readouterr().err
+
+
+def test_the_base_is_held_once():
+    models = _sets()
+    sets = AdapterSets(models, backend="merged")
+    base_params = {id(p) for n, p in sets.denoiser.named_parameters() if "lora_" not in n}
+    for model in models.values():
+        mine = [p for n, p in model.denoisers[0].named_parameters() if "lora_" not in n and ".delta" not in n]
+        assert mine and all(id(p) in base_params for p in mine)
+    ys = _measure(models, NAMES)
+    assert_close_to_reference("after sharing", sets(ys, NAMES, SIZE), sets.reference(ys, NAMES, SIZE), torch.float64)
+    sets.float()  # a conversion touches each shared tensor once per owner: idempotent
+    assert all(p.dtype == torch.float32 for p in sets.parameters())
