@@ -4,6 +4,8 @@ Everything here runs on made-up images and a seeded Gaussian Φ, so no shared da
 """
 import json
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -410,6 +412,12 @@ def _ddp_worker(rank: int, world_size: int, port: int, config: dict, run_dir: st
             torch.save(grads, out)
     finally:
         dist.destroy_process_group()
+    # Both ranks are done here; now and then a worker aborts in the interpreter's teardown after this point ("terminate
+    # called without an active exception", a C++ thread of torch's distributed stack), which mp.spawn reports as a
+    # failed process although every result is written. Leave without that teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _ddp_gradients(config: TrainConfig, run_dir, out, world_size: int) -> dict[str, torch.Tensor]:
