@@ -42,7 +42,8 @@ def _evaluate(label: str, setting: str, base: Path, adapters: Path, images: Path
     counts = model.parameter_counts()
     ranks = [layer.ranks for layer in lora_layers(model)]
     row = {"run": label, "setting": setting, "adapters": adapters.name, "psnr": psnr, "ssim": ssim,
-           "lora_parameters": _lora_parameters(adapters),
+           "lora_parameters": (_lora_parameters(adapters) if summary is None
+                               else summary["lora_parameters_after"]),
            "adapter_parameters": counts["trainable"],
            "mean_rank": sum(map(sum, ranks)) / sum(map(len, ranks)),
            "eval_seconds": time.perf_counter() - start}

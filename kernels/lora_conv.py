@@ -1344,6 +1344,20 @@ torch.library.register_autograd("lorun_fast::lora_conv2d_indexed", _lora_conv2d_
 # Public entry point
 # --------------------------------------------------------------------------------------------------------------------
 
+def _check_float_tensor(name, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_matches_x(name, t, x) -> None:
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name}: dtype {t.dtype} does not match x's dtype {x.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name}: on device {t.device}, but x is on {x.device}; all tensors must share a device")
+
+
 def _check_inputs(x, weight, lora_a, lora_b, scaling, bias, padding, residual, out_scale, input_precision,
                   has_lora=True):
     tensors = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b, "bias": bias, "residual": residual}
@@ -1352,17 +1366,12 @@ def _check_inputs(x, weight, lora_a, lora_b, scaling, bias, padding, residual, o
     for name, t in tensors.items():
         if t is None and name in ("bias", "residual"):
             continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+        _check_float_tensor(name, t)
     if x.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"x: dtype {x.dtype} is not supported; use float32, float16 or bfloat16")
     for name, t in tensors.items():
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name}: dtype {t.dtype} does not match x's dtype {x.dtype}")
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name}: on device {t.device}, but x is on {x.device}; all tensors must share a device")
+        if t is not None:
+            _check_matches_x(name, t, x)
     if x.dim() != 4:
         raise ValueError(f"x: expected a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
     if weight.dim() != 4:
@@ -1411,15 +1420,8 @@ def _check_adapters(x, weight, lora_a, lora_b):
         raise ValueError(f"lora_b: expected one B per A ({len(lora_a)} adapters in lora_a), got {len(lora_b)}")
     for u, (a, b) in enumerate(zip(lora_a, lora_b)):
         for name, t in ((f"lora_a[{u}]", a), (f"lora_b[{u}]", b)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-            if not t.is_floating_point():
-                raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
-            if t.dtype != x.dtype:
-                raise TypeError(f"{name}: dtype {t.dtype} does not match x's dtype {x.dtype}")
-            if t.device != x.device:
-                raise ValueError(f"{name}: on device {t.device}, but x is on {x.device}; all tensors must share a "
-                                 "device")
+            _check_float_tensor(name, t)
+            _check_matches_x(name, t, x)
         _check_lora(weight, a, b, f"lora_a[{u}]", f"lora_b[{u}]")
 
 

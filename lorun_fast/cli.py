@@ -482,7 +482,7 @@ def _evaluate_keeping_rows(evaluate, out, total: int):
 def _eval_mixed(args, device) -> int:
     """eval --manifest: images that each name their adapter set, reconstructed in mixed batches on one base."""
     from lorun_fast.adapter_sets import AdapterSets, load_adapter_sets, read_manifest
-    from lorun_fast.evaluate import evaluate_cs_mixed, output_names
+    from lorun_fast.evaluate import evaluate_cs_mixed, mean_scores, output_names
 
     given = [option for option, dest in (("--adapters", "adapters"), ("--ratio", "ratio"), ("--phi", "phi"),
                                          ("--qinit", "qinit"), ("--gaussian", "gaussian"))
@@ -514,8 +514,6 @@ def _eval_mixed(args, device) -> int:
     if results is None:
         return 130
     _print_results(args, results, out)
-    from lorun_fast.evaluate import mean_scores
-
     for name in used:
         mine = [r for r in results if r.adapters == name]
         mean_psnr, mean_ssim = mean_scores(mine)

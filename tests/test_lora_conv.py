@@ -58,14 +58,19 @@ def conv_kernel(request):
 # helpers
 # --------------------------------------------------------------------------------------------------------------------
 
-def make_case(n, ci, co, k, r, h, w, bias=True, residual=False, seed=0):
-    """Fresh float64 inputs scaled so that the output and the LoRA term are both O(1)."""
+def _normal(seed):
+    """A draw of seeded float64 normals on DEVICE, scaled: ``rnd(*shape, scale=1.0)``."""
     g = torch.Generator().manual_seed(seed)
-    fan_in = ci * k * k
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE)
 
+    return rnd
+
+
+def make_case(n, ci, co, k, r, h, w, bias=True, residual=False, seed=0):
+    """Fresh float64 inputs scaled so that the output and the LoRA term are both O(1)."""
+    rnd, fan_in = _normal(seed), ci * k * k
     return {
         "x": rnd(n, ci, h, w),
         "weight": rnd(co, ci, k, k, scale=fan_in ** -0.5),
@@ -480,12 +485,7 @@ def indexed_once(conv_kernel):
 
 def make_indexed_case(n, ci, co, k, ranks, h, w, bias=True, residual=False, seed=0):
     """Fresh float64 inputs with U = len(ranks) adapters, B_u as peft's (Co, r_u, 1, 1)."""
-    g = torch.Generator().manual_seed(seed)
-    fan_in = ci * k * k
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE)
-
+    rnd, fan_in = _normal(seed), ci * k * k
     return {
         "x": rnd(n, ci, h, w),
         "weight": rnd(co, ci, k, k, scale=fan_in ** -0.5),
