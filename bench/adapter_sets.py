@@ -160,19 +160,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.set_num_threads(args.threads)
+    device = driver.device_and_threads(args)
     cuda = device.type == "cuda"
     rows, notes = run(device, num_sets=args.sets, batch=args.batch or (24 if cuda else 6),
                       size=args.size or (256 if cuda else 66), channels=args.channels or (16 if cuda else 8),
                       stages=args.stages, dtype=getattr(torch, args.dtype), rounds=args.rounds,
                       rep_ms=args.rep_ms or (200.0 if cuda else 100.0))
-    info = harness.machine_info(device)
-    table = format_table(rows)
-    if args.out:
-        driver.write_report_folder(args.out, "mixed adapter batches", info=info, hbm=None, quick=False, notes=notes,
-                                   rows=rows, table=table)
-    return driver.print_report("adapter_sets", device, info, notes, table, rows, args.out)
+    return driver.report("adapter_sets", "mixed adapter batches", device, notes, rows, format_table(rows), args.out)
 
 
 if __name__ == "__main__":

@@ -235,6 +235,21 @@ def check_common_options(parser: argparse.ArgumentParser, args, positive=("hw", 
         parser.error(f"--rounds: expected ≥ 1, got {args.rounds}")
 
 
+def device_and_threads(args) -> torch.device:
+    """``--device`` (CUDA when available by default), with torch's CPU threads set to ``--threads``."""
+    torch.set_num_threads(args.threads)
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def report(name: str, title: str, device, notes: list[str], rows: list[dict], table: str, out) -> int:
+    """Print a benchmark's machine, notes and table, and write them to the folder ``out`` when given (no HBM
+    figures: for benchmarks of whole models). Exit status as :func:`print_report`."""
+    info = harness.machine_info(device)
+    if out:
+        write_report_folder(out, title, info=info, hbm=None, quick=False, notes=notes, rows=rows, table=table)
+    return print_report(name, device, info, notes, table, rows, out)
+
+
 def run_main(args, *, name: str, title: str, run: Callable, notes: Callable, format_table: Callable) -> int:
     """Run a benchmark from its parsed options: ``run(device)`` → rows, ``notes(device, hbm, rows)``; print the
     machine, the notes and the table, and write the report folder when ``--out`` is given. Exit status 1 when a

@@ -17,7 +17,8 @@ When no gradient is needed (inference, ``eval``, ``restore``; or a frozen layer)
 backends reuse the stage's merged weight instead of forming it at every forward: it is cached per stage and backend,
 keyed on the version counter and storage of ``W``, ``A_k`` and ``B_k`` (an optimizer step, ``load_state_dict`` or
 assigning ``.data`` makes a new key) and on the scale, and emptied by ``.to()``, ``.float()`` and the like.
-``clear_merged_cache()`` drops it; it is never saved in a state dict.
+``clear_merged_cache()`` drops it; it is never saved in a state dict. Inside one stage of a DUN forward without
+gradients, :func:`check_merged_caches` reads those keys once for the whole forward (see ``StagedDUN.forward``).
 """
 from __future__ import annotations
 
@@ -32,11 +33,13 @@ from torch import nn
 from lorun_fast.kernels.settings import INPUT_PRECISIONS, interpreting
 from lorun_fast.reference import LoRAConv2d, check_stage, merged_conv
 
-__all__ = ["FusedLoRunConv", "BACKENDS"]
+__all__ = ["FusedLoRunConv", "BACKENDS", "check_merged_caches", "clear_merged_checks"]
 
 BACKENDS = ("auto", "triton", "merged", "reference")
 _STAGE_NAMES = tuple(str(k) for k in range(64))  # the adapters' ModuleDict keys, without a str() per call
+_MERGED_KEYS = tuple((k, "merged") for k in range(64))  # the merged backend's cache keys, likewise
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PLAIN_CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 
 #: How many parameters and submodules have been registered in this process (any module, through nn.Module's global
 #: registration hooks). The inference fast path re-checks which tensors a layer holds only when this has moved.
@@ -50,6 +53,58 @@ def _count_registration(module, name, value) -> None:
 
 nn.modules.module.register_module_parameter_registration_hook(_count_registration)
 nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
+def _unchanged(entry, scaling) -> bool:
+    """Whether the tensors a merged-weight cache entry (``FusedLoRunConv._cached_merge``) was formed from still hold
+    the values it saw, at the same scale."""
+    w, a, b = entry[0], entry[1], entry[2]
+    return (entry[3] == w._version and entry[4] == a._version and entry[5] == b._version
+            and entry[6] == w.data_ptr() and entry[7] == a.data_ptr() and entry[8] == b.data_ptr()
+            and entry[9] == scaling)
+
+
+def _merged_keys(num_stages: int) -> tuple:
+    if num_stages <= len(_MERGED_KEYS):
+        return _MERGED_KEYS[:num_stages]
+    return tuple((stage, "merged") for stage in range(num_stages))
+
+
+def check_merged_caches(layers: Sequence["FusedLoRunConv"]) -> list["FusedLoRunConv"]:
+    """Check, once, every stage's cached merged weight in each of ``layers`` and let the layers use the current ones
+    without checking again until :func:`clear_merged_checks`; returns the layers that got any.
+
+    For a whole DUN forward without gradients (``StagedDUN.forward``). Between two convolutions every tensor a layer
+    reads is a cache miss: reading W, A_k and B_k's versions and storage at every call costs a few percent of a
+    small DUN on a CPU. Here each of them is read once per forward (W once for all stages). What could change them
+    between this check and their use is code running inside the forward itself (a hook writing into a parameter in
+    place), which the caller rules out by clearing the checks as soon as the forward returns. A stage without a
+    current entry (first call, changed weights, a registration since) is left to check for itself at its call."""
+    registrations = _registrations
+    checked = []
+    for layer in layers:
+        get, scaling = layer._merged_cache.get, layer.scaling
+        weights = []
+        base = None  # (W, its version, its storage) as the first current entry saw them
+        for key in _merged_keys(layer.num_stages):
+            hit = get(key)
+            if (hit is None or hit[11] != registrations or hit[9] != scaling or hit[4] != hit[1]._version
+                    or hit[5] != hit[2]._version or hit[7] != hit[1].data_ptr() or hit[8] != hit[2].data_ptr()):
+                weights.append(None)
+                continue
+            if base is None:
+                base = (hit[0], hit[0]._version, hit[0].data_ptr())
+            weights.append(hit[10] if hit[0] is base[0] and hit[3] == base[1] and hit[6] == base[2] else None)
+        if base is not None:
+            layer.__dict__["_checked_weights"] = tuple(weights)
+            checked.append(layer)
+    return checked
+
+
+def clear_merged_checks(layers: Sequence["FusedLoRunConv"]) -> None:
+    """End what :func:`check_merged_caches` allowed: the layers check their cache entries at every call again."""
+    for layer in layers:
+        layer.__dict__["_checked_weights"] = None
 
 
 def _pair(value) -> tuple[int, int]:
@@ -139,6 +194,7 @@ class FusedLoRunConv(LoRAConv2d):
         self.backend = backend
         self.input_precision = input_precision
         self._merged_cache = {}
+        self._checked_weights = None  # per stage, while a DUN forward vouches for them: check_merged_caches
         # nn.Conv2d pads by itself only in 'zeros' mode with numeric padding ('same'/'valid' strings included).
         self._plain_padding = getattr(base, "padding_mode", "zeros") == "zeros"
         # Forwards without gradients on the merged backend (the CPU default under "auto") take forward's short path.
@@ -284,7 +340,7 @@ class FusedLoRunConv(LoRAConv2d):
         # Parameter but not its storage), and the registration count it was checked at (see forward). dtype
         # and device changes go through ``_apply``, which empties the cache.
         hit = self._merged_cache.pop((stage, backend), None)
-        if hit is not None and hit[0] is w and hit[1] is a and hit[2] is b and self._unchanged(hit):
+        if hit is not None and hit[0] is w and hit[1] is a and hit[2] is b and _unchanged(hit, self.scaling):
             weight = hit[10]
         else:
             with torch.no_grad():
@@ -301,16 +357,15 @@ class FusedLoRunConv(LoRAConv2d):
                                                     a.data_ptr(), b.data_ptr(), self.scaling, weight, _registrations)
         return weight
 
-    def _unchanged(self, entry) -> bool:
-        """Whether the tensors a cache entry was merged from still hold the values it saw."""
-        w, a, b = entry[0], entry[1], entry[2]
-        return (entry[3] == w._version and entry[4] == a._version and entry[5] == b._version
-                and entry[6] == w.data_ptr() and entry[7] == a.data_ptr() and entry[8] == b.data_ptr()
-                and entry[9] == self.scaling)
+    def __getstate__(self):
+        # A copy (deepcopy, pickle) made inside a DUN forward would otherwise keep its unchecked weights.
+        state = super().__getstate__()
+        return {**state, "_checked_weights": None}
 
     def _apply(self, fn, recurse=True):
         # .to(), .float(), .cuda(), ...: the parameters get new storage, perhaps at an address a cached entry saw.
         self._merged_cache.clear()
+        self._checked_weights = None
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor, stage: int | None = None, *, relu: bool = False,
@@ -323,8 +378,10 @@ class FusedLoRunConv(LoRAConv2d):
         current tensors costs a few percent. So a cache entry is trusted to hold the registered tensors for as long
         as no parameter or submodule was registered anywhere (``_registrations``: load_state_dict(assign=True), a
         parametrization and a replaced adapter all register), and only their versions and storage are read; after
-        any registration :meth:`_cached_merge` checks the registries once. Anything out of the ordinary goes to
-        :meth:`_forward`, which checks everything and raises its messages; torch's own refusals (wrong channels,
+        any registration :meth:`_cached_merge` checks the registries once. Even those reads cost a few percent of a
+        small DUN (every tensor read is a cache miss between two convolutions), so inside a DUN forward the layer
+        uses the weights :func:`check_merged_caches` checked for it when the forward began. Anything out of the ordinary goes
+        to :meth:`_forward`, which checks everything and raises its messages; torch's own refusals (wrong channels,
         dtype or device) are sent there too."""
         if stage is None:
             stage = self.active_stage
@@ -334,32 +391,38 @@ class FusedLoRunConv(LoRAConv2d):
                 or (out_scale.__class__ is not float or out_scale != 1.0)
                 and (type(out_scale) not in (float, int) or not math.isfinite(out_scale))):
             return self._forward(x, stage, relu, residual, out_scale)
-        hit = self._merged_cache.get((stage, "merged"))
-        if (hit is not None and hit[11] == _registrations and hit[3] == hit[0]._version  # _unchanged, inlined
-                and hit[4] == hit[1]._version and hit[5] == hit[2]._version and hit[6] == hit[0].data_ptr()
-                and hit[7] == hit[1].data_ptr() and hit[8] == hit[2].data_ptr() and hit[9] == self.scaling):
-            weight = hit[10]
-        elif 0 <= stage < self.num_stages:
-            weight = self._cached_merge(stage, "merged", self._stage_tensors(stage)[:3])
+        checked = self._checked_weights
+        if checked is not None and 0 <= stage < len(checked) and checked[stage] is not None:
+            weight = checked[stage]
         else:
-            return self._forward(x, stage, relu, residual, out_scale)
+            hit = self._merged_cache.get((stage, "merged"))
+            if hit is not None and hit[11] == _registrations and _unchanged(hit, self.scaling):
+                weight = hit[10]
+            elif 0 <= stage < self.num_stages:
+                weight = self._cached_merge(stage, "merged", self._stage_tensors(stage)[:3])
+            else:
+                return self._forward(x, stage, relu, residual, out_scale)
         base = self._modules["base_layer"]
+        # nn.Module's attribute lookup costs 0.4 µs; a parametrized base (another class) computes its bias there.
+        bias = base._parameters["bias"] if type(base) in _PLAIN_CONVS else base.bias
         try:
             if self.transposed:
-                y = F.conv_transpose2d(x, weight, base.bias, base.stride, base.padding, base.output_padding, 1,
+                y = F.conv_transpose2d(x, weight, bias, base.stride, base.padding, base.output_padding, 1,
                                        base.dilation)
             else:
-                y = F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation)
+                y = F.conv2d(x, weight, bias, base.stride, base.padding, base.dilation)
         except RuntimeError:
             return self._forward(x, stage, relu, residual, out_scale)
         if residual is not None and (type(residual) is not torch.Tensor or residual.shape != y.shape
                                      or residual.dtype != y.dtype):  # a device mismatch raises in the add
             return self._forward(x, stage, relu, residual, out_scale)
+        # The epilogue in place on the convolution's own fresh output, as the kernel's epilogue does: no further
+        # tensor to allocate (on a CPU a fresh activation is also a round of page faults).
         if relu:
-            y = F.relu(y)
+            y.relu_()
         if out_scale != 1.0:
-            y = y * out_scale
-        return y if residual is None else y + residual
+            y.mul_(out_scale)
+        return y if residual is None else y.add_(residual)
 
     def _forward(self, x, stage, relu, residual, out_scale) -> torch.Tensor:
         """Every other forward, with every check and its message."""

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lorun_fast.lora_conv import FusedLoRunConv
+from lorun_fast.lora_conv import FusedLoRunConv, check_merged_caches, clear_merged_checks
 from lorun_fast.operators import fast_operator, has_fast_sibling, reference_operator
 from lorun_fast.reference import DUN, ISTANetPlusPhase, LoRAConv2d, Operator, ResBlock, ResUNet
 
@@ -113,6 +113,20 @@ class StagedDUN(DUN):
         super().collect_adapters()
         self._offsets = ([m for m in self.denoisers[0].modules() if isinstance(m, StageOffset)]
                          if self.strategy == "lorun" else [])
+        self._fused_layers = [m for m in self._lora if isinstance(m, FusedLoRunConv)]
+
+    def forward(self, y: torch.Tensor, size: tuple[int, int] | None = None,
+                return_all: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """:meth:`DUN.forward`. Without gradients, the fused layers' cached merged weights are checked once for the
+        whole forward instead of at every layer call (``check_merged_caches``); the checks end with the forward."""
+        layers = self._fused_layers
+        if not layers or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return super().forward(y, size, return_all)
+        checked = check_merged_caches(layers)
+        try:
+            return super().forward(y, size, return_all)
+        finally:
+            clear_merged_checks(checked)
 
     def freeze_base(self) -> None:
         super().freeze_base()
@@ -286,8 +300,9 @@ class FusedResBlock(ResBlock):
     skip connection in the second one's (when both are :class:`FusedLoRunConv`; plain otherwise)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.conv1, FusedLoRunConv) and isinstance(self.conv2, FusedLoRunConv):
-            return self.conv2(self.conv1(x, relu=True), residual=x)
+        conv1, conv2 = self._modules["conv1"], self._modules["conv2"]  # past nn.Module's slow attribute lookup
+        if isinstance(conv1, FusedLoRunConv) and isinstance(conv2, FusedLoRunConv):
+            return conv2(conv1(x, relu=True), residual=x)
         return super().forward(x)
 
 

@@ -392,3 +392,29 @@ def test_gd_step_main_writes_report(tmp_path, capsys):
     report = json.loads((tmp_path / "results.json").read_text())
     assert {r["op"] for r in report["rows"]} == {"sr"} and report["machine"]["device"] == "cpu"
     assert (tmp_path / "report.md").read_text().startswith("# lorun_fast")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# merged inference against block
+# --------------------------------------------------------------------------------------------------------------------
+import merged_inference  # noqa: E402
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios_with_an_interval():
+    times, base = [2.0, 3.3, 4.0, 5.0, 6.6], [1.0, 3.0, 2.0, 5.0, 6.0]  # ratios 2, 1.1, 2, 1, 1.1
+    median, lo, hi = merged_inference.paired_ratio(times, base)
+    assert median == pytest.approx(1.1) and lo <= median <= hi and 1.0 <= lo and hi <= 2.0
+    assert merged_inference.paired_ratio([1.0] * 4, [1.0] * 4) == (1.0, 1.0, 1.0)
+
+
+def test_merged_inference_rows_and_report(tmp_path, capsys):
+    assert merged_inference.main(["--stages", "2", "--rounds", "3", "--batches", "1", "--device", "cpu",
+                                  "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["provider"] for r in rows] == list(merged_inference.PROVIDERS)
+    assert all(r["status"] == "ok" and r["rel_err"] <= 1e-5 and r["p50_ms"] > 0 for r in rows)
+    by_name = {r["provider"]: r for r in rows}
+    assert by_name["block"]["vs_block"] == 1.0 and by_name["block-copy"]["rel_err"] == 0.0
+    assert {by_name[n]["verdict"] for n in ("lorun-merged", "lorun-merged-per-call")} <= {
+        "within noise", "slower", "faster"}
+    assert "vs block [95%]" in capsys.readouterr().out and "block-copy" in (tmp_path / "report.md").read_text()

@@ -420,3 +420,120 @@ def test_inference_fast_path_matches_and_refuses_like_the_full_path():
             fast(x, 3)
         with pytest.raises(ValueError, match="out_scale: expected a finite number"):
             fast(x, 1, out_scale=float("inf"))
+
+
+def _mutations(model):
+    """In-place and storage changes a user or an optimizer makes between two inferences, each to one tensor the
+    merged weights depend on: (name, apply to a model)."""
+    def layer(m):
+        return m.denoisers[0].down1[0].conv1
+
+    def edit_b(m):
+        layer(m).lora_B["2"].weight.add_(0.25)
+
+    def edit_a(m):
+        layer(m).lora_A["0"].weight.mul_(-1.5)
+
+    def edit_w(m):
+        layer(m).base_layer.weight.add_(0.1)
+
+    def assign_data(m):
+        w = layer(m).lora_B["1"].weight
+        w.data = w.data + 0.5
+
+    def replace_adapter(m):
+        new = nn.Conv2d(*layer(m).lora_B["1"].weight.shape[1::-1], 1, bias=False).to(torch.float64)
+        nn.init.normal_(new.weight, std=0.3, generator=torch.Generator().manual_seed(5))
+        layer(m).lora_B["1"] = new
+
+    return [("lora_B add_", edit_b), ("lora_A mul_", edit_a), ("base weight add_", edit_w),
+            ("lora_B .data assignment", assign_data), ("replaced lora_B module", replace_adapter)]
+
+
+@pytest.mark.parametrize("mutation", range(5), ids=[name for name, _ in _mutations(None)])
+def test_dun_inference_checks_caches_once_per_forward_and_sees_every_change(mutation):
+    """A fast DUN's forward without gradients checks its layers' cached merged weights once, when it begins
+    (``check_merged_caches``): each layer call then uses them unchecked, and the permission ends with the forward.
+    A change to any tensor a merged weight depends on, made between two forwards, must show in the second."""
+    model, operator = _lorun_dun(seed=3)
+    model = model.double()
+    fast = to_fast(model, backend="merged")
+    layers = fast._fused_layers
+    y = operator.A(torch.rand(2, 1, 40, 50, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+    seen = []
+    with torch.no_grad():
+        fast(y, (40, 50))  # forms and caches every stage's merged weight
+        handles = [layer.register_forward_pre_hook(lambda m, args: seen.append(m._checked_weights))
+                   for layer in layers]
+        first = fast(y, (40, 50))
+        for handle in handles:
+            handle.remove()
+        assert len(seen) == len(layers) * fast.num_stages
+        assert all(c is not None and all(w is not None for w in c) for c in seen), \
+            "a forward after the first did not use the weights checked when it began"
+        assert all(layer._checked_weights is None for layer in layers), "the checks outlived the forward"
+        _check("DUN forward, checked once", first, model(y, (40, 50)), "merged")
+
+        name, mutate = _mutations(fast)[mutation]
+        mutate(fast)
+        mutate(model)
+        second = fast(y, (40, 50))
+        assert not torch.equal(second, first), f"after {name}: the old merged weight was used"
+        _check(f"DUN forward after {name}", second, model(y, (40, 50)), "merged")
+
+
+def test_dun_inference_checks_end_with_an_exception_and_are_not_copied():
+    """The permission to skip checks lives exactly as long as the forward: an exception inside it ends it, and a
+    copy made inside it (a hook deep-copying the model) does not carry it."""
+    model, operator = _lorun_dun(seed=6)
+    fast = to_fast(model.double(), backend="merged")
+    layers = fast._fused_layers
+    y = operator.A(torch.rand(1, 1, 40, 34, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
+    copies = []
+    with torch.no_grad():
+        fast(y, (40, 34))
+        handle = layers[3].register_forward_pre_hook(lambda m, args: copies.append(copy.deepcopy(m)))
+        fast(y, (40, 34))
+        handle.remove()
+        assert copies and copies[0]._checked_weights is None
+        assert layers[3]._checked_weights is None
+
+        def fail(module, args):
+            assert module._checked_weights is not None
+            raise RuntimeError("stop")
+
+        handle = layers[5].register_forward_pre_hook(fail)
+        with pytest.raises(RuntimeError, match="stop"):
+            fast(y, (40, 34))
+        handle.remove()
+        assert all(layer._checked_weights is None for layer in layers)
+    # With gradients nothing is checked ahead: the weights train.
+    fast(y, (40, 34)).sum().backward()
+    assert all(layer._checked_weights is None for layer in layers)
+
+
+def test_inference_epilogue_in_place_leaves_inputs_and_parametrized_bias_alone():
+    """The short path applies ReLU, scale and residual in place on the convolution's own output: x and the
+    residual must come back untouched, and a parametrized bias (computed at each access) must still be used."""
+    from torch.nn.utils import parametrize
+
+    reference, fast, generator = _pair(6, 6, 3, 2, 2, seed=28, bias=True)
+    x = torch.randn(2, 6, 7, 9, generator=generator, dtype=torch.float64)
+    residual = torch.randn(2, 6, 7, 9, generator=generator, dtype=torch.float64)
+    x0, residual0 = x.clone(), residual.clone()
+    with torch.no_grad():
+        for _ in range(2):  # the first call caches, the second takes the short path
+            got = fast(x, 1, relu=True, residual=residual, out_scale=0.5)
+        assert torch.equal(x, x0) and torch.equal(residual, residual0)
+        assert got.data_ptr() not in (x.data_ptr(), residual.data_ptr())
+        _check("relu, scale, residual", got, 0.5 * F.relu(reference(x, 1)) + residual, "merged")
+
+        class Shift(nn.Module):
+            def forward(self, bias):
+                return bias + 3.0
+
+        parametrize.register_parametrization(fast.base_layer, "bias", Shift())
+        parametrize.register_parametrization(reference.base_layer, "bias", Shift())
+        for _ in range(2):
+            got = fast(x, 1)
+        _check("parametrized bias", got, reference(x, 1), "merged")
