@@ -17,8 +17,8 @@ When no gradient is needed (inference, ``eval``, ``restore``; or a frozen layer)
 backends reuse the stage's merged weight instead of forming it at every forward: it is cached per stage and backend,
 keyed on the version counter and storage of ``W``, ``A_k`` and ``B_k`` (an optimizer step, ``load_state_dict`` or
 assigning ``.data`` makes a new key) and on the scale, and emptied by ``.to()``, ``.float()`` and the like.
-``clear_merged_cache()`` drops it; it is never saved in a state dict. Inside one stage of a DUN forward without
-gradients, :func:`check_merged_caches` reads those keys once for the whole forward (see ``StagedDUN.forward``).
+``clear_merged_cache()`` drops it; it is never saved in a state dict. In a DUN forward without gradients,
+:func:`check_merged_caches` reads those keys once for the whole forward (see ``StagedDUN.forward``).
 """
 from __future__ import annotations
 
@@ -380,9 +380,9 @@ class FusedLoRunConv(LoRAConv2d):
         parametrization and a replaced adapter all register), and only their versions and storage are read; after
         any registration :meth:`_cached_merge` checks the registries once. Even those reads cost a few percent of a
         small DUN (every tensor read is a cache miss between two convolutions), so inside a DUN forward the layer
-        uses the weights :func:`check_merged_caches` checked for it when the forward began. Anything out of the ordinary goes
-        to :meth:`_forward`, which checks everything and raises its messages; torch's own refusals (wrong channels,
-        dtype or device) are sent there too."""
+        uses the weights :func:`check_merged_caches` checked for it when the forward began. Anything out of the
+        ordinary goes to :meth:`_forward`, which checks everything and raises its messages; torch's own refusals
+        (wrong channels, dtype or device) are sent there too."""
         if stage is None:
             stage = self.active_stage
         if (not self._inference_fast_path or torch.is_grad_enabled() or type(stage) is not int
@@ -417,7 +417,7 @@ class FusedLoRunConv(LoRAConv2d):
                                      or residual.dtype != y.dtype):  # a device mismatch raises in the add
             return self._forward(x, stage, relu, residual, out_scale)
         # The epilogue in place on the convolution's own fresh output, as the kernel's epilogue does: no further
-        # tensor to allocate (on a CPU a fresh activation is also a round of page faults).
+        # activation to allocate and write.
         if relu:
             y.relu_()
         if out_scale != 1.0:

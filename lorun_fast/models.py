@@ -119,7 +119,7 @@ class StagedDUN(DUN):
                 return_all: bool = False) -> torch.Tensor | list[torch.Tensor]:
         """:meth:`DUN.forward`. Without gradients, the fused layers' cached merged weights are checked once for the
         whole forward instead of at every layer call (``check_merged_caches``); the checks end with the forward."""
-        layers = self._fused_layers
+        layers = getattr(self, "_fused_layers", ())  # absent from a model pickled before it existed
         if not layers or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return super().forward(y, size, return_all)
         checked = check_merged_caches(layers)
