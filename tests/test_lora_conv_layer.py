@@ -422,7 +422,7 @@ def test_inference_fast_path_matches_and_refuses_like_the_full_path():
             fast(x, 1, out_scale=float("inf"))
 
 
-def _mutations(model):
+def _mutations():
     """In-place and storage changes a user or an optimizer makes between two inferences, each to one tensor the
     merged weights depend on: (name, apply to a model)."""
     def layer(m):
@@ -450,7 +450,7 @@ def _mutations(model):
             ("lora_B .data assignment", assign_data), ("replaced lora_B module", replace_adapter)]
 
 
-@pytest.mark.parametrize("mutation", range(5), ids=[name for name, _ in _mutations(None)])
+@pytest.mark.parametrize("mutation", range(5), ids=[name for name, _ in _mutations()])
 def test_dun_inference_checks_caches_once_per_forward_and_sees_every_change(mutation):
     """A fast DUN's forward without gradients checks its layers' cached merged weights once, when it begins
     (``check_merged_caches``): each layer call then uses them unchecked, and the permission ends with the forward.
@@ -474,7 +474,7 @@ def test_dun_inference_checks_caches_once_per_forward_and_sees_every_change(muta
         assert all(layer._checked_weights is None for layer in layers), "the checks outlived the forward"
         _check("DUN forward, checked once", first, model(y, (40, 50)), "merged")
 
-        name, mutate = _mutations(fast)[mutation]
+        name, mutate = _mutations()[mutation]
         mutate(fast)
         mutate(model)
         second = fast(y, (40, 50))
