@@ -581,48 +581,48 @@ def clear_cache() -> None:
     _CS_STACK_CACHE.clear()
 
 
-def _cs_prepared(phi: torch.Tensor, dtype: torch.dtype, block_size: int) -> _CSPrepared:
-    """Cached per Φ: key (data_ptr, version counter, device, dtype, shape, strides, compute dtype); an entry is only
-    valid while the Φ it was built from is alive (a freed Φ's address may be reused by another tensor)."""
+def _phi_key(phi: torch.Tensor) -> tuple:
+    """What identifies one Φ's values for the caches: data_ptr, version counter, device, dtype, shape, strides.
+    Raises RuntimeError for an inference tensor (it has no version counter: not cached)."""
+    return phi.data_ptr(), phi._version, str(phi.device), phi.dtype, tuple(phi.shape), tuple(phi.stride())
+
+
+def _lru_cached(cache: OrderedDict, size: int, key: tuple, sources, build):
+    """``cache``'s entry at ``key`` while every tensor in ``sources`` it was built from is alive (a freed tensor's
+    address may be reused by another), else ``build()``, kept as the newest of at most ``size`` entries."""
+    hit = cache.get(key)
+    if hit is not None and all(ref() is not None for ref in hit[0]):
+        cache.move_to_end(key)
+        return hit[1]
+    value = build()
     try:
-        version = phi._version
+        refs = tuple(weakref.ref(t) for t in sources)
+    except TypeError:
+        return value
+    cache[key] = (refs, value)
+    while len(cache) > size:
+        cache.popitem(last=False)
+    return value
+
+
+def _cs_prepared(phi: torch.Tensor, dtype: torch.dtype, block_size: int) -> _CSPrepared:
+    """Cached per Φ (``_phi_key``) and compute dtype, while that Φ is alive."""
+    try:
+        key = (*_phi_key(phi), dtype, block_size)
     except RuntimeError:  # inference tensors have no version counter: do not cache them
         return _CSPrepared(phi, dtype, block_size)
-    key = (phi.data_ptr(), version, str(phi.device), phi.dtype, tuple(phi.shape), tuple(phi.stride()), dtype,
-           block_size)
-    hit = _CS_CACHE.get(key)
-    if hit is not None and hit[0]() is not None:
-        _CS_CACHE.move_to_end(key)
-        return hit[1]
-    prep = _CSPrepared(phi, dtype, block_size)
-    try:
-        ref = weakref.ref(phi)
-    except TypeError:
-        return prep
-    _CS_CACHE[key] = (ref, prep)
-    while len(_CS_CACHE) > _CS_CACHE_SIZE:
-        _CS_CACHE.popitem(last=False)
-    return prep
+    return _lru_cached(_CS_CACHE, _CS_CACHE_SIZE, key, (phi,), lambda: _CSPrepared(phi, dtype, block_size))
 
 
 def _cs_stacked(phis, dtype: torch.dtype, block_size: int) -> _CSStacked:
-    """Cached per list of Φ's: the key is the sequence of ``_cs_prepared``'s per-Φ keys (data_ptr, version
-    counter, device, dtype, shape, strides; in order: the position is the Φ number g) with the compute dtype and
-    block size; an entry is only valid while every Φ it was built from is alive."""
+    """Cached per list of Φ's: the key is the sequence of their ``_phi_key``s (in order: the position is the Φ
+    number g) with the compute dtype and block size, while every Φ it was built from is alive."""
     try:
-        key = (tuple((p.data_ptr(), p._version, str(p.device), p.dtype, tuple(p.shape), tuple(p.stride()))
-                     for p in phis), dtype, block_size)
+        key = (tuple(_phi_key(p) for p in phis), dtype, block_size)
     except RuntimeError:  # an inference tensor among them has no version counter: do not cache
         return _CSStacked(phis, dtype, block_size)
-    hit = _CS_STACK_CACHE.get(key)
-    if hit is not None and all(ref() is not None for ref in hit[0]):
-        _CS_STACK_CACHE.move_to_end(key)
-        return hit[1]
-    prep = _CSStacked(phis, dtype, block_size)
-    try:
-        refs = tuple(weakref.ref(p) for p in phis)
-    except TypeError:
-        return prep
+    return _lru_cached(_CS_STACK_CACHE, _CS_STACK_CACHE_SIZE, key, phis,
+                       lambda: _CSStacked(phis, dtype, block_size))
     _CS_STACK_CACHE[key] = (refs, prep)
     while len(_CS_STACK_CACHE) > _CS_STACK_CACHE_SIZE:
         _CS_STACK_CACHE.popitem(last=False)
